@@ -1,0 +1,107 @@
+"""Command line: `mlxgen generate`, `mlxgen info` (and `mlxgen bench ...` from bench/)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import settings
+from .errors import MlxgenError
+from .loading.pypi import DEFAULT_MODEL
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL,
+        help="HF directory or repo id, file.gguf, ollama:NAME[:TAG], or a PyPI-shipped model "
+        f"(smollm2, qwen2.5-coder). Default: {DEFAULT_MODEL}",
+    )
+    p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default=None)
+    p.add_argument("--quantized", choices=("auto", "keep", "dequantize"), default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlxgen", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="stream a completion and print its stats")
+    _model_arg(gen)
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="raw text prompt (no chat template)")
+    src.add_argument("--chat", help="a user message, sent through the model's chat template")
+    gen.add_argument("--system", help="system message (with --chat)")
+    gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument("--temp", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--repetition-penalty", type=float, default=None)
+    gen.add_argument("--repetition-context-size", type=int, default=20)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--prefill-chunk-size", type=int, default=None)
+
+    info = sub.add_parser("info", help="describe a model: architecture, size, dtype, tokenizer")
+    _model_arg(info)
+
+    bench = sub.add_parser("bench", help="benchmarks (see bench/)")
+    bench.add_argument("what", choices=("matmul",))
+    return parser
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from . import load, stream_generate
+
+    model, tokenizer = load(args.model, dtype=args.dtype, quantized=args.quantized, progress=True)
+    if args.chat is not None:
+        prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.chat}
+        ]
+    else:
+        prompt = args.prompt
+    response = None
+    for response in stream_generate(
+        model, tokenizer, prompt, max_tokens=args.max_tokens, temperature=args.temp,
+        top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        repetition_context_size=args.repetition_context_size, seed=args.seed, stop=args.stop,
+        prefill_chunk_size=args.prefill_chunk_size,
+    ):
+        print(response.text, end="", flush=True)
+    print()
+    if response is not None:
+        print(f"[{response.finish_reason}] {response.stats.summary()}", file=sys.stderr)
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from .info import describe
+    from . import load
+
+    model, tokenizer = load(args.model, dtype=args.dtype, quantized=args.quantized, progress=True)
+    for key, value in describe(model, tokenizer).items():
+        print(f"{key:>22}: {value}")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .info import matmul_gflops
+
+    print(f"float32 matmul: {matmul_gflops():.1f} GFLOP/s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        logging.basicConfig(level=settings.log_level("INFO"), format="%(message)s")
+        settings.validate_all()
+        {"generate": cmd_generate, "info": cmd_info, "bench": cmd_bench}[args.command](args)
+    except MlxgenError as e:
+        print(f"mlxgen: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

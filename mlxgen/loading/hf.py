@@ -1,0 +1,67 @@
+"""Hugging Face model directories: config.json, (sharded) safetensors, tokenizer files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+
+from ..errors import ModelLoadError
+
+
+def read_config(path: Path) -> dict:
+    file = path / "config.json"
+    if not file.exists():
+        raise ModelLoadError(
+            f"{path} has no config.json; point mlxgen at a Hugging Face model directory, a .gguf "
+            "file, a repo id or ollama:NAME."
+        )
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{file} is not valid JSON ({e}); re-download the model.") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{file} must hold a JSON object; re-download the model.")
+    return config
+
+
+def weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ModelLoadError(f"{index} is malformed ({e}); re-download the model.") from None
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise ModelLoadError(
+                f"{path} is missing weight shards {missing} listed in {index.name}; the download "
+                "is incomplete. Re-download the model."
+            )
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{path} has no *.safetensors weights; re-download the model.")
+    return files
+
+
+def read_weights(path: Path) -> dict[str, mx.array]:
+    weights: dict[str, mx.array] = {}
+    for file in weight_files(path):
+        try:
+            weights.update(mx.load(str(file)))
+        except Exception as e:  # MLX reports truncation/corruption as a bare runtime error
+            raise ModelLoadError(
+                f"cannot read {file} ({e}); the file is truncated or corrupt. Re-download it."
+            ) from None
+    return weights
+
+
+def quantization_of(config: dict) -> dict | None:
+    """MLX-quantized checkpoints (mlx-community) carry {"group_size", "bits", ...per-layer}."""
+    q = config.get("quantization") or config.get("quantization_config")
+    if isinstance(q, dict) and "bits" in q and "group_size" in q:
+        return q
+    return None

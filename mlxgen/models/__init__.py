@@ -1,0 +1,26 @@
+"""Model registry: model_type -> class, and construction from config + weights."""
+
+from __future__ import annotations
+
+import mlx.nn as nn
+
+from . import llama, qwen3_moe
+from .base import SUPPORTED_MODEL_TYPES, ModelArgs
+
+MODEL_CLASSES: dict[str, type[llama.Model]] = {
+    "llama": llama.Model,
+    "mistral": llama.Model,
+    "qwen2": llama.Model,
+    "qwen3": llama.Model,
+    "qwen3_moe": qwen3_moe.Model,
+}
+assert set(MODEL_CLASSES) == set(SUPPORTED_MODEL_TYPES)
+
+
+def model_from_config(config: dict) -> llama.Model:
+    """An uninitialised model (random weights) for a config.json dict."""
+    args = ModelArgs.from_config(config)
+    return MODEL_CLASSES[args.model_type](args)
+
+
+__all__ = ["ModelArgs", "MODEL_CLASSES", "SUPPORTED_MODEL_TYPES", "model_from_config", "nn"]

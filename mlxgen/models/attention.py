@@ -1,0 +1,55 @@
+"""The one attention step shared by every model: project -> (q/k norm) -> rope/cache seam -> sdpa."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .base import ModelArgs
+from .rope import RoPE
+
+
+def make_rope(args: ModelArgs) -> RoPE:
+    return RoPE(
+        args.head_dim,
+        base=args.rope_theta,
+        traditional=args.rope_traditional,
+        scaling=args.rope_scaling,
+        freq_factors=args.rope_freq_factors,
+    )
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        self.head_dim = hd = args.head_dim
+        self.scale = hd**-0.5
+        dim = args.hidden_size
+        self.q_proj = nn.Linear(dim, self.n_heads * hd, bias=args.attention_bias)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=args.attention_bias)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=args.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, dim, bias=args.o_proj_bias)
+        if args.qk_norm:
+            self.q_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+        self.rope = make_rope(args)
+
+    def __call__(self, x: mx.array, cache=None) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+        # The seam: the cache decides when keys are rotated (see mlxgen/cache.py).
+        if cache is None:
+            q, k = self.rope(q), self.rope(k)
+        else:
+            q, k, v = cache.rotate_and_update(q, k, v, self.rope)
+        out = mx.fast.scaled_dot_product_attention(
+            q, k, v, scale=self.scale, mask="causal" if L > 1 else None
+        )
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))

@@ -1,0 +1,103 @@
+"""The shared decoder for the Llama family: Llama 2/3.x, Mistral, SmolLM2, Qwen2/2.5, Qwen3.
+
+Differences are config flags (q/k/v bias, q/k norm, RoPE scaling, tied embeddings); Qwen3-MoE
+reuses everything here and swaps the feed-forward of its sparse layers (qwen3_moe.py)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..cache import KVCache, make_cache
+from .attention import Attention
+from .base import ModelArgs
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def dense_mlp(args: ModelArgs, idx: int) -> nn.Module:
+    return MLP(args.hidden_size, args.intermediate_size, args.mlp_bias)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, mlp: nn.Module):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = mlp
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, cache=None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderStack(nn.Module):
+    def __init__(self, args: ModelArgs, mlp_factory: Callable[[ModelArgs, int], nn.Module]):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [
+            TransformerBlock(args, mlp_factory(args, i)) for i in range(args.num_hidden_layers)
+        ]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+        h = self.embed_tokens(inputs)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cache[i] if cache is not None else None)
+        return h
+
+
+class Model(nn.Module):
+    """A causal LM: token ids (B, L) -> logits (B, L, vocab)."""
+
+    mlp_factory: Callable[[ModelArgs, int], nn.Module] = staticmethod(dense_mlp)
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = DecoderStack(args, self.mlp_factory)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(
+        self, inputs: mx.array, cache: list | None = None, last_only: bool = False
+    ) -> mx.array:
+        """Logits for every position, or only the last one (prefill needs nothing else)."""
+        h = self.model(inputs, cache)
+        if last_only:
+            h = h[:, -1:, :]
+        return self.logits(h)
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        h = self.model.norm(hidden)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self) -> list[TransformerBlock]:
+        return self.model.layers
+
+    def make_cache(self) -> list[KVCache]:
+        return make_cache(len(self.layers))
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Drop tensors the model derives itself (tied head, RoPE tables)."""
+        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        if self.args.tie_word_embeddings:
+            for suffix in ("weight", "scales", "biases"):
+                weights.pop(f"lm_head.{suffix}", None)
+        return weights

@@ -1,0 +1,168 @@
+"""Tokenizer: `tokenizers` for encode/decode, jinja chat templates, streaming detokenization."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Sequence
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.decoders import DecodeStream
+
+from .errors import MlxgenError, ModelLoadError
+
+Message = dict[str, Any]
+
+
+class Tokenizer:
+    def __init__(
+        self,
+        tokenizer: HFTokenizer,
+        chat_template: str | None = None,
+        bos_token_id: int | None = None,
+        eos_token_ids: Sequence[int] = (),
+        add_bos_token: bool = False,
+    ):
+        self._tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.bos_token_id = bos_token_id
+        self.eos_token_ids = set(eos_token_ids)
+        self.add_bos_token = add_bos_token
+        self._template: jinja2.Template | None = None
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "Tokenizer":
+        """Load tokenizer.json + tokenizer_config.json (+ chat_template.jinja,
+        generation_config.json) as a Hugging Face model directory has them."""
+        path = Path(path)
+        if not (path / "tokenizer.json").exists():
+            raise ModelLoadError(
+                f"{path} has no tokenizer.json; mlxgen needs the fast-tokenizer file. Re-download "
+                "the model including tokenizer.json."
+            )
+        try:
+            tk = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:
+            raise ModelLoadError(f"{path / 'tokenizer.json'} is corrupt ({e}); re-download it.") from None
+        cfg = _read_json(path / "tokenizer_config.json")
+        gen = _read_json(path / "generation_config.json")
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # named templates: take the default one
+            named = {t.get("name"): t.get("template") for t in template}
+            template = named.get("default") or next(iter(named.values()), None)
+        if (path / "chat_template.jinja").exists():
+            template = (path / "chat_template.jinja").read_text()
+
+        def token_id(tok) -> int | None:
+            if isinstance(tok, dict):
+                tok = tok.get("content")
+            return tk.token_to_id(tok) if isinstance(tok, str) else None
+
+        eos = {i for i in [token_id(cfg.get("eos_token"))] if i is not None}
+        gen_eos = gen.get("eos_token_id")
+        eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        return cls(
+            tk,
+            chat_template=template,
+            bos_token_id=token_id(cfg.get("bos_token")),
+            eos_token_ids=sorted(eos),
+            add_bos_token=bool(cfg.get("add_bos_token", False)),
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size()
+
+    @property
+    def backend(self) -> HFTokenizer:
+        return self._tokenizer
+
+    def token_text(self, token_id: int) -> str | None:
+        return self._tokenizer.id_to_token(token_id)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        bos = self.bos_token_id
+        if add_special_tokens and self.add_bos_token and bos is not None and ids[:1] != [bos]:
+            ids = [bos] + ids
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self, messages: list[Message], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
+        """Render chat messages with the model's jinja template (as transformers does)."""
+        if not self.chat_template:
+            raise MlxgenError(
+                "this tokenizer has no chat template; pass the prompt as plain text or token ids."
+            )
+        _check_messages(messages)
+        if self._template is None:
+            env = ImmutableSandboxedEnvironment(
+                trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+            )
+            env.filters["tojson"] = _tojson
+            env.globals["raise_exception"] = _raise
+            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+            self._template = env.from_string(self.chat_template)
+        special = {
+            "bos_token": self._text_or_empty(self.bos_token_id),
+            "eos_token": self._text_or_empty(min(self.eos_token_ids, default=None)),
+        }
+        return self._template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **special, **kwargs
+        )
+
+    def _text_or_empty(self, token_id: int | None) -> str:
+        return (self._tokenizer.id_to_token(token_id) or "") if token_id is not None else ""
+
+    def detokenizer(self) -> "StreamingDetokenizer":
+        return StreamingDetokenizer(self._tokenizer)
+
+
+class StreamingDetokenizer:
+    """Incremental decoding that only emits complete characters (tokenizers' DecodeStream holds
+    back partial UTF-8 sequences until the token that completes them arrives)."""
+
+    def __init__(self, tokenizer: HFTokenizer):
+        self._tokenizer = tokenizer
+        self._stream = DecodeStream(skip_special_tokens=False)
+        self.text = ""
+
+    def add_token(self, token_id: int) -> str:
+        """Feed one token; return the newly completed text (may be empty)."""
+        piece = self._stream.step(self._tokenizer, token_id) or ""
+        self.text += piece
+        return piece
+
+
+def _check_messages(messages: Any) -> None:
+    ok = isinstance(messages, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages
+    )
+    if not ok or not messages:
+        raise MlxgenError(
+            "chat messages must be a non-empty list of {'role': str, 'content': str} dicts."
+        )
+
+
+def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, **_: Any) -> str:
+    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii)
+
+
+def _raise(message: str) -> None:
+    raise MlxgenError(f"chat template error: {message}")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path} is not valid JSON ({e}); re-download it.") from None
