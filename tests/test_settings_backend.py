@@ -1,0 +1,102 @@
+"""MLXGEN_* validation, dtype/quantization policy, and the BLAS start-up hook."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mlxgen import backend, settings
+from mlxgen.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("MLXGEN_PREFILL_CHUNK_SIZE", "0"), ("MLXGEN_PREFILL_CHUNK_SIZE", "-4"),
+        ("MLXGEN_PREFILL_CHUNK_SIZE", "12.5"), ("MLXGEN_PREFILL_CHUNK_SIZE", "lots"),
+        ("MLXGEN_QUANTIZED", "maybe"), ("MLXGEN_DTYPE", "int8"), ("MLXGEN_LOG_LEVEL", "loud"),
+    ],
+)
+def test_malformed_env_values_name_the_variable(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=name):
+        settings.validate_all()
+
+
+def test_env_values_are_used(monkeypatch):
+    monkeypatch.setenv("MLXGEN_PREFILL_CHUNK_SIZE", " 128 ")
+    assert settings.prefill_chunk_size() == 128
+    assert settings.prefill_chunk_size(64) == 64  # an argument wins over the environment
+    monkeypatch.setenv("MLXGEN_DTYPE", "bfloat16")
+    assert str(backend.weight_dtype()) == "mlx.core.bfloat16"
+    monkeypatch.setenv("MLXGEN_QUANTIZED", "keep")
+    assert backend.keep_quantized() is True
+
+
+def test_cpu_policy_defaults(monkeypatch):
+    for name in ("MLXGEN_DTYPE", "MLXGEN_QUANTIZED"):
+        monkeypatch.delenv(name, raising=False)
+    if not backend.is_cpu():
+        pytest.skip("CPU policy only")
+    assert str(backend.weight_dtype()) == "mlx.core.float32"
+    assert backend.keep_quantized() is False
+    with pytest.raises(ConfigError, match="argument"):
+        backend.keep_quantized("sometimes")
+
+
+def test_cli_reports_bad_env_cleanly():
+    env = dict(os.environ, MLXGEN_PREFILL_CHUNK_SIZE="zero")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlxgen.cli", "info", "--model", "/nonexistent"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "MLXGEN_PREFILL_CHUNK_SIZE" in proc.stderr and "Traceback" not in proc.stderr
+
+
+PROBE = """
+import json, sys
+{first}
+import mlxgen, _mlxgen_blas
+maps = open('/proc/self/maps').read()
+print(json.dumps({{"status": _mlxgen_blas.status, "mapped": 'libopenblas' in maps,
+                  "blas": mlxgen.backend.blas_in_use()}}))
+"""
+
+
+def run_probe(first: str, **env) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE.format(first=first)], capture_output=True, text=True,
+        env=dict(os.environ, **env), timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def openblas_available() -> bool:
+    import _mlxgen_blas
+
+    return sys.platform.startswith("linux") and _mlxgen_blas.find_blas() is not None
+
+
+needs_openblas = pytest.mark.skipif(
+    not openblas_available(), reason="needs Linux with libopenblas0-pthread installed"
+)
+
+
+@needs_openblas
+@pytest.mark.parametrize("first", ["import mlx.core", "pass"])
+def test_openblas_loaded_before_mlx_whatever_the_import_order(first):
+    # The .pth hook installed with the package loads OpenBLAS before libmlx binds its BLAS.
+    out = run_probe(first)
+    assert out["mapped"] and out["status"]["before_mlx"], out
+    assert out["blas"].startswith("OpenBLAS")
+
+
+@needs_openblas
+def test_blas_opt_out():
+    out = run_probe("import mlx.core", MLXGEN_BLAS="off")
+    assert not out["mapped"] and out["status"]["loaded"] is None
+    assert out["blas"].startswith("reference BLAS")
