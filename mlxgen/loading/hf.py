@@ -7,7 +7,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, UnsupportedModelError
 
 
 def read_config(path: Path) -> dict:
@@ -62,6 +62,21 @@ def read_weights(path: Path) -> dict[str, mx.array]:
 def quantization_of(config: dict) -> dict | None:
     """MLX-quantized checkpoints (mlx-community) carry {"group_size", "bits", ...per-layer}."""
     q = config.get("quantization") or config.get("quantization_config")
-    if isinstance(q, dict) and "bits" in q and "group_size" in q:
+    if not isinstance(q, dict):
+        return None
+    if q.get("quant_method"):  # transformers-side quantization: GPTQ, AWQ, FP8, bitsandbytes...
+        raise UnsupportedModelError(
+            f"{q['quant_method']}-quantized checkpoints are not supported; use the original "
+            "(unquantized) model or an MLX-quantized one (e.g. from mlx-community)."
+        )
+    modes = {q.get("mode") or "affine"} | {
+        v.get("mode") or "affine" for v in q.values() if isinstance(v, dict)
+    }
+    if modes != {"affine"}:
+        raise UnsupportedModelError(
+            f"MLX quantization mode(s) {sorted(modes - {'affine'})} are not supported; only "
+            "'affine' (mlx-community's usual 4/8-bit) is."
+        )
+    if "bits" in q and "group_size" in q:
         return q
     return None

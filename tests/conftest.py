@@ -1,0 +1,63 @@
+"""Shared test helpers: deterministic non-trivial random weights and a logit-diff report.
+
+Diffs recorded with `record_diff` are printed in pytest's terminal summary, so a run shows how
+close each model is to its oracle, not only that it passed."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+
+_DIFFS: list[tuple[str, float]] = []
+
+
+def _randomize(module, seed: int = 0, scale: float = 0.2) -> None:
+    """Give every parameter of an MLX module random values, in place.
+
+    Norm weights become 1 + scale*N(0,1) (not all ones), everything else scale*N(0,1), so a
+    transposed matrix, a dropped norm or a missing bias shows in the logits."""
+    params = tree_flatten(module.parameters())
+    keys = mx.random.split(mx.random.key(seed), max(len(params), 2))
+    new = []
+    for (name, p), key in zip(params, keys):
+        noise = mx.random.normal(p.shape, key=key)
+        if name.endswith("norm.weight"):
+            new.append((name, (1.0 + scale * noise).astype(p.dtype)))
+        else:
+            new.append((name, (scale * noise).astype(p.dtype)))
+    module.update(tree_unflatten(new))
+    mx.eval(module.parameters())
+
+
+@pytest.fixture(scope="session")
+def randomize():
+    """randomize(module, seed=0, scale=0.2): fill an MLX module with non-trivial weights."""
+    return _randomize
+
+
+def _max_abs_diff(a, b) -> float:
+    a = mx.array(a) if not isinstance(a, mx.array) else a
+    b = mx.array(b) if not isinstance(b, mx.array) else b
+    assert a.shape == b.shape, f"shape {a.shape} vs {b.shape}"
+    return mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max().item()
+
+
+@pytest.fixture
+def record_diff(request):
+    """record_diff(a, b, label="") -> max |a - b|, also listed in the terminal summary."""
+
+    def record(a, b, label: str = "") -> float:
+        d = _max_abs_diff(a, b)
+        _DIFFS.append((f"{request.node.nodeid}{' ' + label if label else ''}", d))
+        return d
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _DIFFS:
+        return
+    terminalreporter.section("max abs logit differences")
+    for name, d in _DIFFS:
+        terminalreporter.write_line(f"{d:10.3e}  {name}")
