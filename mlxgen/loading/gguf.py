@@ -1,0 +1,378 @@
+"""Read a GGUF file (llama.cpp, Ollama) into an HF-style config, MLX weights and a tokenizer.
+
+Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks are repacked bit-exactly into MLX's affine quantized format
+(group size 32, fp16 scales/biases); other quantized types are dequantized to float32 with the
+`gguf` package. The header is parsed here because gguf.GGUFReader takes ~25 s on a 150k vocab."""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, LlamaFileType
+from gguf.quants import dequantize as gguf_dequantize
+
+from ..errors import ModelLoadError, UnsupportedModelError
+from .gguf_tokenizer import TokenizerParts, tokenizer_from_gguf
+
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}
+# Types whose blocks are exactly MLX affine groups of 32 (w = scale * q + bias), and their bits.
+NATIVE_BITS = {QT.Q4_0: 4, QT.Q4_1: 4, QT.Q5_0: 5, QT.Q5_1: 5, QT.Q8_0: 8}
+_FLOAT_DTYPES = {QT.F32: np.float32, QT.F16: np.float16, QT.F64: np.float64}
+_VALUE_DTYPES = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
+                 10: "<u8", 11: "<i8", 12: "<f8"}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # numpy/HF order (GGUF's ne reversed)
+    qtype: QT
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+@dataclass
+class GGUFHeader:
+    version: int
+    metadata: dict[str, Any]
+    tensors: list[TensorInfo]
+    buffer: mmap.mmap = field(repr=False)
+
+
+@dataclass
+class GGUFContents:
+    config: dict
+    weights: dict[str, mx.array]
+    quantization: dict | None
+    tokenizer: TokenizerParts
+    metadata: dict
+
+
+class _Cursor:
+    def __init__(self, buf: mmap.mmap):
+        self.buf, self.pos = buf, 0
+
+    def u32(self) -> int:
+        self.pos += 4
+        return struct.unpack_from("<I", self.buf, self.pos - 4)[0]
+
+    def u64(self) -> int:
+        self.pos += 8
+        return struct.unpack_from("<Q", self.buf, self.pos - 8)[0]
+
+    def string(self) -> str:
+        n = self.u64()
+        if self.pos + n > len(self.buf):
+            raise EOFError
+        self.pos += n
+        return self.buf[self.pos - n : self.pos].decode("utf-8", errors="replace")
+
+    def value(self, vtype: int) -> Any:
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            etype, count = self.u32(), self.u64()
+            if etype in _VALUE_DTYPES:  # numeric arrays in one vectorized read
+                dt = np.dtype(_VALUE_DTYPES[etype])
+                if self.pos + count * dt.itemsize > len(self.buf):
+                    raise EOFError
+                arr = np.frombuffer(self.buf, dt, count, self.pos)
+                self.pos += count * dt.itemsize
+                return arr.tolist()
+            return [self.value(etype) for _ in range(count)]
+        dt = np.dtype(_VALUE_DTYPES[vtype])  # KeyError: unknown value type
+        value = np.frombuffer(self.buf, dt, 1, self.pos)[0]
+        self.pos += dt.itemsize
+        # float32 -> shortest decimal that round-trips (1e-05, not 9.999999747378752e-06)
+        return float(str(value)) if vtype == 6 else value.item()
+
+
+def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
+    """Parse metadata and tensor directory; check the magic and that no tensor data is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file not found: {path}. Check the path (or use ollama:NAME).")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+        if magic != b"GGUF":
+            raise ModelLoadError(
+                f"{path} is not a GGUF file (starts with {magic!r}, expected b'GGUF'). Pass a "
+                ".gguf file from llama.cpp/Ollama, or an HF model directory."
+            )
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    cur = _Cursor(buf)
+    cur.pos = 4
+    try:
+        version = cur.u32()
+        if version not in (2, 3):
+            raise UnsupportedModelError(
+                f"{path}: GGUF version {version} is not supported (need 2 or 3; a huge number "
+                "means a big-endian file). Re-convert it with a recent llama.cpp."
+            )
+        n_tensors, n_kv = cur.u64(), cur.u64()
+        meta = {}
+        for _ in range(n_kv):
+            key = cur.string()
+            meta[key] = cur.value(cur.u32())
+        raw_infos = []
+        for _ in range(n_tensors):
+            name = cur.string()
+            ne = [cur.u64() for _ in range(cur.u32())]
+            raw_infos.append((name, ne, cur.u32(), cur.u64()))
+    except (EOFError, struct.error, ValueError) as e:
+        raise ModelLoadError(
+            f"{path}: GGUF header is truncated or corrupt ({e or 'unexpected end of file'}). "
+            "Re-download the file."
+        ) from None
+    except KeyError as e:
+        raise ModelLoadError(
+            f"{path}: GGUF header has unknown value type {e}; the file is corrupt, re-download it."
+        ) from None
+    align = int(meta.get("general.alignment", 32))
+    data_start = -(-cur.pos // align) * align
+    tensors = []
+    for name, ne, type_id, off in raw_infos:
+        try:
+            qtype = QT(type_id)
+        except ValueError:
+            raise UnsupportedModelError(
+                f"{path}: tensor {name} has unknown GGML type id {type_id}; this gguf package is "
+                "too old for the file, or the file is corrupt."
+            ) from None
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        if not ne or ne[0] % block:
+            raise ModelLoadError(f"{path}: tensor {name} has a corrupt shape {ne}; re-download.")
+        nbytes = math.prod(ne) // block * type_size
+        tensors.append(TensorInfo(name, tuple(reversed(ne)), qtype, data_start + off, nbytes))
+    need = max((t.offset + t.nbytes for t in tensors), default=data_start)
+    if need > len(buf):
+        raise ModelLoadError(
+            f"{path} is truncated: its tensors need {need} bytes but the file has {len(buf)}. "
+            "The download or copy was interrupted; fetch the file again (ollama pull NAME)."
+        )
+    return GGUFHeader(version, meta, tensors, buf)
+
+
+def _repack_native(raw: np.ndarray, qtype: QT) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, row_bytes) GGML blocks -> MLX (packed uint32, fp16 scales, fp16 biases)."""
+    block_bytes = GGML_QUANT_SIZES[qtype][1]
+    blocks = raw.reshape(raw.shape[0], -1, block_bytes)
+    f16 = lambda a, b: blocks[..., a:b].copy().view(np.float16)[..., 0]
+    d = f16(0, 2)
+    with np.errstate(over="ignore"):  # an overflow shows up as inf and is checked by the caller
+        offset = -d * np.float16(128 if qtype == QT.Q8_0 else 16 if qtype == QT.Q5_0 else 8)
+    if qtype == QT.Q8_0:  # q in int8: store q + 128 (flipping the sign bit) with bias -128 d
+        return _pack(blocks[..., 2:] ^ 0x80, 8), d, offset
+    low_at = {QT.Q4_0: 2, QT.Q4_1: 4, QT.Q5_0: 6, QT.Q5_1: 8}[qtype]
+    qs = blocks[..., low_at:]  # element j in the low nibble of byte j, element j+16 in the high
+    bits = NATIVE_BITS[qtype]
+    bias = f16(2, 4) if qtype in (QT.Q4_1, QT.Q5_1) else offset
+    if bits == 4:  # reorder nibbles straight into MLX's order (element 2b low, 2b+1 high)
+        even, odd = qs[..., 0::2], qs[..., 1::2]
+        packed = np.concatenate([(even & 0x0F) | (odd << 4), (even >> 4) | (odd & 0xF0)], -1)
+        return packed.reshape(raw.shape[0], -1).view(np.uint32), d, bias
+    # Q5: the 5th bit of element j is bit j of the little-endian 32-bit qh word.
+    high = np.unpackbits(blocks[..., low_at - 4 : low_at], axis=-1, bitorder="little")
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1) | (high << 4)
+    return _pack(q, bits), d, bias
+
+
+def _pack(q: np.ndarray, bits: int) -> np.ndarray:
+    # MLX packs each row as a little-endian bit stream: element i at bits [bits*i, bits*(i+1)).
+    rows = q.shape[0]
+    if bits == 8:
+        return np.ascontiguousarray(q).reshape(rows, -1).view(np.uint32)
+    assert bits == 5, bits
+    e = [q[..., k::8] for k in range(8)]  # 8 elements -> 5 bytes, in uint8 arithmetic
+    out = [e[0] | (e[1] << 5), (e[1] >> 3) | (e[2] << 2) | (e[3] << 7), (e[3] >> 1) | (e[4] << 4),
+           (e[4] >> 4) | (e[5] << 1) | (e[6] << 6), (e[6] >> 2) | (e[7] << 3)]
+    return np.stack(out, axis=-1).reshape(rows, -1).view(np.uint32)
+
+
+def _load_tensor(buf: mmap.mmap, t: TensorInfo, native: bool) -> list[mx.array]:
+    """One array, or [weight, scales, biases] when kept MLX-quantized."""
+    if t.qtype in _FLOAT_DTYPES:  # F64 has no MLX dtype: narrowed to float32
+        arr = np.frombuffer(buf, _FLOAT_DTYPES[t.qtype], math.prod(t.shape), t.offset)
+        return [mx.array(arr.reshape(t.shape).astype(np.float32) if t.qtype == QT.F64 else
+                         arr.reshape(t.shape))]
+    if t.qtype == QT.BF16:
+        bits = np.frombuffer(buf, np.uint16, math.prod(t.shape), t.offset).reshape(t.shape)
+        return [mx.array(bits).view(mx.bfloat16)]
+    lead = t.shape[:-1]
+    raw = np.frombuffer(buf, np.uint8, t.nbytes, t.offset).reshape(math.prod(lead), -1)
+    if native:
+        packed, scales, biases = _repack_native(raw, t.qtype)
+        if np.isfinite(biases).all():  # fp16 overflow of -128*d is the only way to be inexact
+            return [mx.array(a.reshape(*lead, -1)) for a in (packed, scales, biases)]
+    try:
+        values = gguf_dequantize(raw, t.qtype)
+    except NotImplementedError:
+        raise UnsupportedModelError(
+            f"tensor {t.name} uses GGML type {t.qtype.name}, which cannot be dequantized here; "
+            "use a GGUF quantized as Q4_K_M, Q8_0 or similar."
+        ) from None
+    return [mx.array(values.reshape(t.shape))]
+
+
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj", "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+}
+
+
+def hf_module_name(gguf_name: str) -> tuple[str, str]:
+    """'blk.3.attn_q.weight' -> ('model.layers.3.self_attn.q_proj', 'weight')."""
+    stem, _, suffix = gguf_name.rpartition(".")
+    parts = stem.split(".")
+    if len(parts) == 1 and stem in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[stem], suffix
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}", suffix
+    raise UnsupportedModelError(
+        f"GGUF tensor {gguf_name!r} has no place in the supported llama/qwen2/qwen3/qwen3_moe "
+        "layouts; this file holds a variant mlxgen cannot run."
+    )
+
+
+def _unpermute_rows(x: mx.array, n_head: int) -> mx.array:
+    # llama.cpp stores each head's rows of Q/K as interleaved (re, im) pairs for its RoPE;
+    # HF's rotate-half layout wants the two halves contiguous: (h, d/2, 2) -> (h, 2, d/2).
+    rows = x.shape[0]
+    if rows % (2 * n_head):
+        raise ModelLoadError(f"Q/K projection with {rows} rows does not split into {n_head} heads.")
+    y = x.reshape(n_head, rows // n_head // 2, 2, *x.shape[1:])
+    return mx.swapaxes(y, 1, 2).reshape(x.shape)
+
+
+def _config(meta: dict, arch: str, names: set[str], vocab_size: int, path: Path) -> dict:
+    def get(key: str, default: Any = KeyError) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is KeyError:
+            raise ModelLoadError(
+                f"{path}: required GGUF metadata key '{arch}.{key}' is missing; the file is "
+                "incomplete or from an incompatible converter. Re-convert it with llama.cpp."
+            )
+        if isinstance(value, list):  # per-layer arrays: fine only when uniform
+            if len(set(value)) != 1:
+                raise UnsupportedModelError(f"{path}: per-layer '{arch}.{key}' is not supported.")
+            value = value[0]
+        return value
+
+    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
+    moe = arch == "qwen3moe"
+    config = {
+        "model_type": ARCHITECTURES[arch],
+        "hidden_size": hidden,
+        "num_hidden_layers": int(get("block_count")),
+        "intermediate_size": int(get("feed_forward_length", None if moe else KeyError) or 0),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
+        "head_dim": int(get("attention.key_length", hidden // heads)),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
+        "vocab_size": vocab_size,
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(get("context_length")),
+        "tie_word_embeddings": "output.weight" not in names,
+        "rope_scaling": None,
+        "rope_freq_factors": None,
+    }
+    scaling = get("rope.scaling.type", "none")
+    if scaling == "linear":
+        factor = float(get("rope.scaling.factor"))
+        config["rope_scaling"] = {"rope_type": "linear", "factor": factor}
+    elif scaling != "none":  # passed on so the model can refuse it by name
+        config["rope_scaling"] = {
+            "rope_type": scaling, "factor": float(get("rope.scaling.factor", 1.0)),
+            "original_max_position_embeddings": get("rope.scaling.original_context_length", None),
+        }
+    if moe:
+        config.update(
+            num_experts=int(get("expert_count")),
+            num_experts_per_tok=int(get("expert_used_count")),
+            moe_intermediate_size=int(get("expert_feed_forward_length")),
+            norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+        )
+        config["intermediate_size"] = config["intermediate_size"] or config["moe_intermediate_size"]
+    return config
+
+
+def read_gguf(path: str | os.PathLike, dequantize: bool = False) -> GGUFContents:
+    """Load a llama/qwen2/qwen3/qwen3moe GGUF as an HF-layout config, weights and tokenizer."""
+    path = Path(path)
+    header = read_gguf_header(path)
+    meta = header.metadata
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"{path}: GGUF architecture {arch!r} is not supported; supported: "
+            f"{', '.join(ARCHITECTURES)}. Use a model of one of these families."
+        )
+    tokenizer = tokenizer_from_gguf(meta)
+    names = {t.name for t in header.tensors}
+    config = _config(meta, arch, names, len(meta["tokenizer.ggml.tokens"]), path)
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+
+    weights: dict[str, mx.array] = {}
+    quantization: dict[str, Any] = {}
+    native_types, dequantized_types = Counter(), Counter()
+    for t in header.tensors:
+        if t.name == "rope_freqs.weight":  # llama3.1-style per-frequency divisors
+            freqs = _load_tensor(header.buffer, t, native=False)[0]
+            config["rope_freq_factors"] = freqs.astype(mx.float32).tolist()
+            continue
+        module, suffix = hf_module_name(t.name)
+        native = not dequantize and t.qtype in NATIVE_BITS and len(t.shape) >= 2
+        arrays = _load_tensor(header.buffer, t, native)
+        kind = t.name.split(".")[-2]
+        if arch == "llama" and kind in heads:
+            arrays = [_unpermute_rows(a, heads[kind]) for a in arrays]
+        if len(arrays) == 3:
+            for key, array in zip(("weight", "scales", "biases"), arrays):
+                weights[f"{module}.{key}"] = array
+            quantization[module] = {"group_size": 32, "bits": NATIVE_BITS[t.qtype]}
+            native_types[t.qtype.name] += 1
+        else:
+            weights[f"{module}.{suffix}"] = arrays[0]
+            if t.qtype not in _FLOAT_DTYPES and t.qtype != QT.BF16:
+                dequantized_types[t.qtype.name] += 1
+    if quantization:  # default = the most common native setting; every module is listed too
+        bits = Counter(q["bits"] for q in quantization.values()).most_common(1)[0][0]
+        quantization = {"group_size": 32, "bits": bits, **quantization}
+
+    file_type = meta.get("general.file_type")
+    try:
+        file_type_name = LlamaFileType(file_type).name.removeprefix("MOSTLY_")
+    except ValueError:
+        file_type_name = None
+    metadata = {
+        "architecture": arch,
+        "name": meta.get("general.name"),
+        "size_label": meta.get("general.size_label"),
+        "file_type": file_type_name,
+        "gguf_version": header.version,
+        "tensor_types": dict(Counter(t.qtype.name for t in header.tensors)),
+        "native_quantized": dict(native_types),
+        "dequantized": dict(dequantized_types),
+        "parameters": sum(math.prod(t.shape) for t in header.tensors),
+        "tokenizer": meta.get("tokenizer.ggml.model"),
+        "pre_tokenizer": meta.get("tokenizer.ggml.pre"),
+    }
+    return GGUFContents(config, weights, quantization or None, tokenizer, metadata)
