@@ -1,15 +1,20 @@
 """mlxgen: fast time-to-first-token LLM inference on MLX (Apple Silicon first, CPU fallback)."""
 
 from .backend import report_blas as _report_blas
-from .errors import ConfigError, MlxgenError, ModelLoadError, PromptTooLongError
+from .errors import (
+    ChunkStoreError, ConfigError, CorruptChunkError, MlxgenError, ModelLoadError, PromptTooLongError,
+)
 from .generate import GenerationResponse, GenerationStats, generate, stream_generate
 from .loading import build_model, load
+from .reuse import Chunk, ChunkStore, Session
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 __all__ = [
     "load", "generate", "stream_generate", "build_model", "Tokenizer",
+    "Session", "ChunkStore", "Chunk",
     "GenerationResponse", "GenerationStats",
-    "MlxgenError", "ModelLoadError", "ConfigError", "PromptTooLongError",
+    "MlxgenError", "ModelLoadError", "ConfigError", "PromptTooLongError", "ChunkStoreError",
+    "CorruptChunkError",
 ]
 _report_blas()

@@ -31,6 +31,11 @@ def _cuda_available() -> bool:
     return bool(cuda and cuda.is_available())
 
 
+def fast_cpu_ops() -> bool:
+    """Use mlxgen/cpu_ops.py's attention and SwiGLU: on the CPU, unless MLXGEN_CPU_FAST_OPS=off."""
+    return is_cpu() and settings.cpu_fast_ops()
+
+
 def backend_name() -> str:
     if not is_cpu():
         return "metal" if mx.metal.is_available() else "cuda"

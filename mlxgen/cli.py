@@ -45,8 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe a model: architecture, size, dtype, tokenizer")
     _model_arg(info)
 
-    bench = sub.add_parser("bench", help="benchmarks (see bench/)")
-    bench.add_argument("what", choices=("matmul",))
+    bench = sub.add_parser(
+        "bench", help="benchmarks: matmul (peak GFLOP/s), ttft, reuse (K/V reuse; see bench/)"
+    )
+    bench.add_argument("what", choices=("matmul", "ttft", "reuse"))
+    # `bench ttft` owns its options (mlxgen/bench/ttft.py); everything after it goes there.
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
 
 
@@ -84,6 +88,21 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    if args.what == "reuse":
+        from .bench.reuse import run_cli as run_reuse
+
+        if run_reuse(args.bench_args):
+            raise SystemExit(2)
+        return
+    if args.what == "ttft":
+        from .bench.ttft import run_cli
+
+        code = run_cli(args.bench_args)
+        if code:
+            raise SystemExit(code)
+        return
+    if args.bench_args:
+        raise MlxgenError(f"bench matmul takes no options; got {' '.join(args.bench_args)}.")
     from .info import matmul_gflops
 
     print(f"float32 matmul: {matmul_gflops():.1f} GFLOP/s")

@@ -23,3 +23,11 @@ class ConfigError(MlxgenError, ValueError):
 
 class PromptTooLongError(MlxgenError, ValueError):
     """The prompt (plus requested tokens) does not fit in the model's context."""
+
+
+class ChunkStoreError(MlxgenError, ValueError):
+    """A stored chunk cannot be used here: another model's, another store's, or over the limit."""
+
+
+class CorruptChunkError(ChunkStoreError):
+    """A chunk file on disk is truncated, corrupt or of an unknown format version."""

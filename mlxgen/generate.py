@@ -9,11 +9,13 @@ from typing import Any, Iterator, Sequence
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from .cache import make_cache
 from .errors import ConfigError, MlxgenError, PromptTooLongError
 from .prefill import prefill
 from .tokenizer import Tokenizer
 
-Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
+# ... or a segment prompt [text, Chunk, ..., text] (mlxgen.reuse.compose).
+Prompt = str | Sequence[int] | Sequence[dict[str, Any]] | Sequence[Any]
 
 
 @dataclass
@@ -117,13 +119,31 @@ def stream_generate(
     prompt: Prompt,
     *,
     prefill_chunk_size: int | None = None,
+    cache: list | None = None,
+    cache_mode: str | None = None,
+    recompute: float | None = None,
+    recompute_strategy: str | None = None,
     **sampling: Any,
 ) -> Iterator[GenerationResponse]:
     """Yield one GenerationResponse per generated token. Sampling keywords: max_tokens,
-    temperature, top_p, top_k, min_p, repetition_penalty, repetition_context_size, seed, stop."""
+    temperature, top_p, top_k, min_p, repetition_penalty, repetition_context_size, seed, stop.
+
+    cache: a KV cache (list of per-layer caches) already holding the first `cache[0].offset`
+    prompt tokens (mlxgen.Session manages one); only the rest is prefilled, and the cache keeps
+    growing. cache_mode: "standard" or "pre-rope" for a new cache. recompute,
+    recompute_strategy: for segment prompts (mlxgen.reuse)."""
+    from .reuse.compose import is_segments, plan
+
     start = time.perf_counter()
     params = SamplingParams(**sampling)
-    ids = prompt_tokens(tokenizer, prompt, model.args.vocab_size)
+    composed = plan(model, tokenizer, prompt) if is_segments(prompt) else None
+    ids = composed.ids if composed else prompt_tokens(tokenizer, prompt, model.args.vocab_size)
+    cached = 0 if cache is None else cache[0].offset
+    if composed is not None and cache is not None:
+        raise ConfigError("a segment prompt builds its own cache; do not pass cache= with it.")
+    if cached >= len(ids):
+        raise ConfigError(f"the cache holds {cached} tokens but the prompt has only {len(ids)}; "
+                          "at least the last prompt token must be prefilled.")
     context = model.args.max_position_embeddings
     if len(ids) >= context:
         raise PromptTooLongError(
@@ -150,9 +170,19 @@ def stream_generate(
         return token
 
     mx.reset_peak_memory()
-    cache = model.make_cache()
-    stats = GenerationStats(prompt_tokens=len(ids), prefill_tokens=len(ids))
-    token = sample(prefill(model, ids, cache, prefill_chunk_size))
+    if composed is not None:
+        cache, logits = composed.run(
+            model, cache_mode=cache_mode, recompute=recompute,
+            recompute_strategy=recompute_strategy, prefill_chunk_size=prefill_chunk_size,
+        )
+        cached = composed.cached_tokens
+    else:
+        cache = cache if cache is not None else make_cache(len(model.layers), cache_mode)
+        logits = prefill(model, ids[cached:], cache, prefill_chunk_size)
+    stats = GenerationStats(
+        prompt_tokens=len(ids), prefill_tokens=len(ids) - cached, cached_tokens=cached
+    )
+    token = sample(logits)
     mx.async_eval(token)
     detok = tokenizer.detokenizer()
     stop = _StopMatcher(params.stop)
@@ -166,7 +196,7 @@ def stream_generate(
         if first_time is None:
             first_time = now
             stats.ttft_s = now - start
-            stats.prefill_tps = len(ids) / stats.ttft_s
+            stats.prefill_tps = stats.prefill_tokens / stats.ttft_s
         stats.generation_tokens = n + 1
         if n > 0:
             stats.decode_tps = n / (now - first_time)

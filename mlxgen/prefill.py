@@ -8,7 +8,16 @@ from typing import Sequence
 
 import mlx.core as mx
 
-from . import settings
+from . import backend, settings
+
+# Auto policy. CPU: attention is blocked inside each chunk (cpu_ops), so bigger chunks only
+# trade matmul efficiency against per-chunk work; 512 measured best (bench/NOTES.md). GPU:
+# mlx-lm's 2048 until measured on a Mac.
+CPU_CHUNK, GPU_CHUNK = 512, 2048
+
+
+def auto_chunk_size() -> int:
+    return CPU_CHUNK if backend.is_cpu() else GPU_CHUNK
 
 
 def cache_state(cache: list) -> list[mx.array]:
@@ -19,7 +28,7 @@ def prefill(
     model, tokens: Sequence[int] | mx.array, cache: list, chunk_size: int | None = None
 ) -> mx.array:
     """Run `tokens` through the model into `cache`; return the last position's logits (1, vocab)."""
-    chunk = settings.prefill_chunk_size(chunk_size)
+    chunk = settings.prefill_chunk_size(chunk_size) or auto_chunk_size()
     tokens = mx.array(tokens) if not isinstance(tokens, mx.array) else tokens
     if tokens.ndim != 1 or tokens.size == 0:
         raise ValueError("prefill needs a non-empty 1-D sequence of token ids.")

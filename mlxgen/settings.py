@@ -8,15 +8,18 @@ from pathlib import Path
 from .errors import ConfigError
 
 ENV_VARS = {
-    "MLXGEN_PREFILL_CHUNK_SIZE": "tokens per prefill chunk (positive integer; default 512)",
+    "MLXGEN_PREFILL_CHUNK_SIZE": "tokens per prefill chunk: a positive integer, or auto (default: 512 on the CPU, 2048 on a GPU)",
     "MLXGEN_BLAS": "CPU BLAS to preload: auto (default), off, or a library path",
     "MLXGEN_QUANTIZED": "keep or dequantize quantized weights: auto (default; dequantize on CPU), keep, dequantize",
     "MLXGEN_DTYPE": "float dtype for weights: auto (default; float32 on CPU, float16 on GPU), float32, float16, bfloat16",
     "MLXGEN_CACHE_DIR": "where fetched models are cached (default ~/.cache/mlxgen)",
+    "MLXGEN_CPU_FAST_OPS": "on the CPU, fast softmax/SwiGLU math (mlxgen/cpu_ops.py): on (default) or off",
     "MLXGEN_LOG_LEVEL": "logging level for the mlxgen logger (default WARNING; the CLI uses INFO)",
+    "MLXGEN_CACHE_MODE": "KV cache mode: standard (default; post-RoPE keys, mlx-lm's) or pre-rope",
+    "MLXGEN_CACHE_REUSE": "reuse cached K/V (stored chunks, session prefixes): on (default) or off",
+    "MLXGEN_RECOMPUTE": "fraction of reused chunk tokens recomputed with full attention, in [0, 1] (default 0.15)",
+    "MLXGEN_CHUNK_STORE_BYTES": "in-memory chunk store limit: bytes, or with KB/MB/GB/KiB/MiB/GiB (default 1GiB)",
 }
-
-DEFAULT_PREFILL_CHUNK_SIZE = 512
 
 
 def _get(name: str) -> str | None:
@@ -34,12 +37,13 @@ def positive_int(value, what: str) -> int:
     return n
 
 
-def prefill_chunk_size(override: int | None = None) -> int:
+def prefill_chunk_size(override: int | None = None) -> int | None:
+    """The requested chunk size, or None for the backend's auto policy (mlxgen/prefill.py)."""
     if override is not None:
         return positive_int(override, "prefill_chunk_size")
     raw = _get("MLXGEN_PREFILL_CHUNK_SIZE")
-    if raw is None:
-        return DEFAULT_PREFILL_CHUNK_SIZE
+    if raw is None or raw == "auto":
+        return None
     return positive_int(raw, "MLXGEN_PREFILL_CHUNK_SIZE (environment)")
 
 
@@ -59,6 +63,10 @@ def dtype_name(override: str | None = None) -> str:
     return choice("MLXGEN_DTYPE", override, ("auto", "float32", "float16", "bfloat16"), "auto")
 
 
+def cpu_fast_ops(override: str | None = None) -> bool:
+    return choice("MLXGEN_CPU_FAST_OPS", override, ("on", "off"), "on") == "on"
+
+
 def cache_dir() -> Path:
     raw = _get("MLXGEN_CACHE_DIR")
     return Path(raw).expanduser() if raw else Path.home() / ".cache" / "mlxgen"
@@ -71,9 +79,70 @@ def log_level(default: str = "WARNING") -> str:
     return level
 
 
+CACHE_MODES = ("standard", "pre-rope")
+DEFAULT_RECOMPUTE = 0.15
+DEFAULT_CHUNK_STORE_BYTES = 1 << 30
+_BYTE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+               "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
+
+
+def cache_mode(override: str | None = None) -> str:
+    return choice("MLXGEN_CACHE_MODE", override, CACHE_MODES, "standard")
+
+
+def cache_reuse(override: bool | None = None) -> bool:
+    if override is not None:
+        if not isinstance(override, bool):
+            raise ConfigError(f"cache_reuse must be True or False; got {override!r}.")
+        return override
+    return choice("MLXGEN_CACHE_REUSE", None, ("on", "off"), "on") == "on"
+
+
+def recompute_fraction(override: float | None = None) -> float:
+    """Share of reused chunk tokens recomputed with full attention (mlxgen/reuse/recompute.py)."""
+    source = "recompute" if override is not None else "MLXGEN_RECOMPUTE (environment)"
+    value = override if override is not None else _get("MLXGEN_RECOMPUTE")
+    if value is None:
+        return DEFAULT_RECOMPUTE
+    try:
+        frac = float(value) if not isinstance(value, bool) else -1.0
+    except (TypeError, ValueError):
+        frac = -1.0
+    if not 0.0 <= frac <= 1.0:  # also rejects NaN
+        raise ConfigError(f"{source} must be a fraction in [0, 1]; got {value!r}.")
+    return frac
+
+
+def chunk_store_bytes(override: int | str | None = None) -> int:
+    source = "max_bytes" if override is not None else "MLXGEN_CHUNK_STORE_BYTES (environment)"
+    value = override if override is not None else _get("MLXGEN_CHUNK_STORE_BYTES")
+    if value is None:
+        return DEFAULT_CHUNK_STORE_BYTES
+    if isinstance(value, str):
+        text = value.strip().upper().replace(" ", "")
+        digits = text.rstrip("KMGIB")
+        unit = _BYTE_UNITS.get(text[len(digits):])
+        try:
+            n = int(float(digits) * unit) if unit and digits else 0
+        except (ValueError, OverflowError):
+            n = 0
+    else:
+        n = value if isinstance(value, int) and not isinstance(value, bool) else 0
+    if n <= 0:
+        raise ConfigError(
+            f"{source} must be a positive byte count (e.g. 1073741824, 512MB, 2GiB); got {value!r}."
+        )
+    return n
+
+
 def validate_all() -> None:
     """Parse every variable once so a malformed value fails early with its name."""
+    cpu_fast_ops()
     prefill_chunk_size()
     quantized_policy()
     dtype_name()
     log_level()
+    cache_mode()
+    cache_reuse()
+    recompute_fraction()
+    chunk_store_bytes()

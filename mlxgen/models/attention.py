@@ -5,6 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import backend, cpu_ops
 from .base import ModelArgs
 from .rope import RoPE
 
@@ -17,6 +18,13 @@ def make_rope(args: ModelArgs) -> RoPE:
         scaling=args.rope_scaling,
         freq_factors=args.rope_freq_factors,
     )
+
+
+def sdpa():
+    """MLX's fused attention, or on the CPU the BLAS + fast-softmax form (mlxgen/cpu_ops.py)."""
+    if backend.fast_cpu_ops():
+        return cpu_ops.scaled_dot_product_attention
+    return mx.fast.scaled_dot_product_attention
 
 
 class Attention(nn.Module):
@@ -44,12 +52,13 @@ class Attention(nn.Module):
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-        # The seam: the cache decides when keys are rotated (see mlxgen/cache.py).
+        # The seam: the cache decides when keys are rotated and which keys each query sees
+        # (see mlxgen/cache.py; chunk recompute in mlxgen/reuse attends from scattered positions).
         if cache is None:
             q, k = self.rope(q), self.rope(k)
+            mask = "causal" if L > 1 else None
         else:
             q, k, v = cache.rotate_and_update(q, k, v, self.rope)
-        out = mx.fast.scaled_dot_product_attention(
-            q, k, v, scale=self.scale, mask="causal" if L > 1 else None
-        )
+            mask = cache.attention_mask(L)
+        out = sdpa()(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))

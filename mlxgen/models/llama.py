@@ -10,9 +10,16 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import backend, cpu_ops
 from ..cache import KVCache, make_cache
 from .attention import Attention
 from .base import ModelArgs
+
+
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    if backend.fast_cpu_ops():  # MLX's CPU sigmoid is slow: see mlxgen/cpu_ops.py
+        return cpu_ops.silu_mul(gate, up)
+    return nn.silu(gate) * up
 
 
 class MLP(nn.Module):
@@ -23,7 +30,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 def dense_mlp(args: ModelArgs, idx: int) -> nn.Module:

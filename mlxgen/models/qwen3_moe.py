@@ -7,7 +7,7 @@ import mlx.nn as nn
 
 from .base import ModelArgs
 from .llama import Model as LlamaModel
-from .llama import dense_mlp
+from .llama import dense_mlp, swiglu
 
 
 class ExpertLinear(nn.Module):
@@ -63,7 +63,7 @@ class Experts(nn.Module):
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         # x: (..., D) -> (..., 1, 1, D) so each of the k chosen experts sees a 1-row matrix.
         x = mx.expand_dims(x, (-2, -3))
-        h = nn.silu(self.gate_proj(x, indices)) * self.up_proj(x, indices)
+        h = swiglu(self.gate_proj(x, indices), self.up_proj(x, indices))
         return self.down_proj(h, indices).squeeze(-2)  # (..., k, D)
 
 

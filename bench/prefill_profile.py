@@ -1,0 +1,105 @@
+"""Where prefill time goes on this backend, and what the CPU fast path buys.
+
+    python bench/prefill_profile.py --model smollm2 --lengths 512,2048 --chunk-sizes 256,512,1024
+
+1. Per-layer components for one chunk (matmuls, attention, SwiGLU, norms/RoPE) at each length,
+   reference ops vs mlxgen/cpu_ops.py.
+2. Whole prefill, reference vs fast ops, interleaved run by run (median of --reps), per chunk size.
+Prints the machine, backend and BLAS so numbers can be compared only where they are comparable."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import statistics
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+
+import mlxgen
+from mlxgen import backend, cpu_ops
+from mlxgen.info import matmul_gflops
+from mlxgen.prefill import prefill
+
+
+def timed(fn, reps: int = 5) -> float:
+    mx.eval(fn())
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        mx.eval(fn())
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000
+
+
+def layer_components(args, chunk: int, context: int) -> dict[str, tuple[float, float]]:
+    """(reference ms, fast ms) for one layer's pieces on random tensors of the model's shapes."""
+    D, H, KV, HD, F = (args.hidden_size, args.num_attention_heads, args.num_key_value_heads,
+                       args.head_dim, args.intermediate_size)
+    x = mx.random.normal((1, chunk, D))
+    w = [mx.random.normal(s) * 0.02 for s in ((H * HD, D), (KV * HD, D), (KV * HD, D), (D, H * HD), (F, D), (F, D), (D, F))]
+    q, k, v = mx.random.normal((1, H, chunk, HD)), mx.random.normal((1, KV, context, HD)), mx.random.normal((1, KV, context, HD))
+    g, u = mx.random.normal((1, chunk, F)), mx.random.normal((1, chunk, F))
+    mx.eval(x, q, k, v, g, u, *w)
+    scale = HD**-0.5
+    matmuls = lambda: [x @ w[0].T, x @ w[1].T, x @ w[2].T, x @ w[4].T, x @ w[5].T, x @ w[3].T, g @ w[6].T]
+    return {
+        "matmuls": (timed(matmuls),) * 2,
+        "attention": (
+            timed(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")),
+            timed(lambda: cpu_ops.scaled_dot_product_attention(q, k, v, scale, "causal")),
+        ),
+        "swiglu": (timed(lambda: nn.silu(g) * u), timed(lambda: cpu_ops.silu_mul(g, u))),
+    }
+
+
+def prefill_ab(model, n: int, chunk: int, reps: int) -> dict[str, float]:
+    """Median seconds of a whole prefill, reference vs fast ops, interleaved, fresh prompts."""
+    def run(mode: str) -> float:
+        os.environ["MLXGEN_CPU_FAST_OPS"] = mode
+        ids = [random.randrange(100, model.args.vocab_size - 100) for _ in range(n)]
+        t = time.perf_counter()
+        mx.eval(prefill(model, ids, model.make_cache(), chunk))
+        return time.perf_counter() - t
+
+    run("on"), run("off")  # warm-up: compiled kernels, allocator
+    samples = {"off": [], "on": []}
+    for i in range(reps):
+        for mode in (("off", "on") if i % 2 == 0 else ("on", "off")):
+            samples[mode].append(run(mode))
+    os.environ.pop("MLXGEN_CPU_FAST_OPS")
+    return {mode: statistics.median(v) for mode, v in samples.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--lengths", default="512,2048")
+    p.add_argument("--chunk-sizes", default="512")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--skip-components", action="store_true")
+    a = p.parse_args()
+    lengths = [int(s) for s in a.lengths.split(",")]
+    chunks = [int(s) for s in a.chunk_sizes.split(",")]
+    model, _ = mlxgen.load(a.model)
+    print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores; "
+          f"backend {backend.backend_name()}; BLAS {backend.blas_in_use()}; "
+          f"matmul {matmul_gflops():.0f} GFLOP/s; model {a.model}")
+    if not a.skip_components:
+        print("\nper-layer ms for one chunk (reference -> fast):")
+        for n in lengths:
+            chunk = min(chunks[0], n)
+            for name, (ref, fast) in layer_components(model.args, chunk, n).items():
+                print(f"  chunk {chunk} at context {n:5d}  {name:10s} {ref:8.1f} -> {fast:8.1f}")
+    print("\nwhole prefill, median s (reference / fast, speedup):")
+    for n in lengths:
+        for chunk in chunks:
+            r = prefill_ab(model, n, chunk, a.reps)
+            print(f"  {n:5d} tokens, chunk {chunk:5d}: {r['off']:7.2f} / {r['on']:7.2f}  x{r['off'] / r['on']:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Quality of composed (reused) prompts against a full prefill of the same tokens.
+
+Metrics over the full-prefill reference's greedy continuation (32 tokens, or fewer when it ends
+with an end-of-turn token first: what follows would never be shown), teacher-forced (both caches
+are fed the reference tokens, so one early miss does not cascade):
+- agreement: share of those positions whose greedy token matches the reference;
+- prefix: tokens generated identically before the first mismatch (what free-running greedy
+  decoding would reproduce exactly);
+- kl: mean KL(reference || reused) of the next-token distributions over those positions,
+  kl_first: the same at the first generated token only."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import mlx.core as mx
+
+from ..cache import make_cache
+from ..prefill import prefill
+from ..reuse import ChunkStore
+from ..reuse.compose import plan
+from .reuse_data import DOCS, SYSTEM, fit
+
+N_TOKENS = 32
+
+
+@dataclass
+class Quality:
+    agreement: float
+    prefix: int
+    kl: float
+    kl_first: float
+    n: int  # positions compared
+
+
+def rag_segments(tokenizer, store: ChunkStore, question: str, docs: Sequence[str] = DOCS,
+                 doc_tokens: int = 512, system: str = SYSTEM) -> list:
+    """[chat-template head, doc 1, sep, doc 2, ..., question + template tail] with each document
+    a stored chunk of exactly `doc_tokens` tokens."""
+    marker = "\x00DOCS\x00"
+    rendered = tokenizer.apply_chat_template([
+        {"role": "system", "content": system},
+        {"role": "user", "content": f"Documents:\n\n{marker}\n\nQuestion: {question}"},
+    ])
+    head, tail = rendered.split(marker)
+    segments: list = [head]
+    for i, doc in enumerate(docs):
+        if i:
+            segments.append("\n\n")
+        ids = tokenizer.encode(doc, add_special_tokens=False)[:doc_tokens]
+        segments.append(store.add(ids))
+    segments.append(tail)
+    return segments
+
+
+def greedy_continuation(model, cache: list, logits: mx.array, n: int = N_TOKENS,
+                        stop: Sequence[int] = ()) -> list[int]:
+    """Greedy tokens from a filled cache: n of them, or up to and including a stop token.
+    The cache ends up holding all but the last one."""
+    out = []
+    for _ in range(n):
+        out.append(mx.argmax(logits, axis=-1).item())
+        if out[-1] in stop or len(out) == n:
+            break
+        logits = model(mx.array([[out[-1]]]), cache)[:, -1, :]
+    return out
+
+
+def forced_logprobs(
+    model, cache: list, last_logits: mx.array, continuation: Sequence[int]
+) -> mx.array:
+    """Next-token log-probabilities at each continuation position (n, vocab), teacher-forced."""
+    logits = last_logits.reshape(1, -1)
+    if len(continuation) > 1:
+        rest = model(mx.array([list(continuation[:-1])]), cache)[0]
+        logits = mx.concatenate([logits, rest])
+    logits = logits.astype(mx.float32)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def compare(ref: mx.array, got: mx.array, continuation: Sequence[int]) -> Quality:
+    picks = mx.argmax(got, axis=-1).tolist()
+    target = list(continuation)
+    hits = [a == b for a, b in zip(picks, target)]
+    prefix = hits.index(False) if False in hits else len(hits)
+    kl = (mx.exp(ref) * (ref - got)).sum(axis=-1)
+    return Quality(sum(hits) / len(hits), prefix, kl.mean().item(), kl[0].item(), len(hits))
+
+
+def reference(model, ids: Sequence[int], n: int = N_TOKENS, stop: Sequence[int] = ()
+              ) -> tuple[list[int], mx.array, float]:
+    """Full prefill: (greedy continuation of n tokens or up to a stop token, its teacher-forced
+    log-probs, TTFT = prefill + first logits)."""
+    start = time.perf_counter()
+    cache = make_cache(len(model.layers))
+    logits = prefill(model, list(ids), cache)
+    mx.eval(logits)
+    ttft = time.perf_counter() - start
+    cont = greedy_continuation(model, cache, logits, n, stop)
+    for c in cache:
+        c.trim(c.offset - len(ids))
+    ref = forced_logprobs(model, cache, logits, cont)
+    mx.eval(ref)
+    return cont, ref, ttft
+
+
+def composed_quality(model, tokenizer, segments: list, continuation: Sequence[int], ref: mx.array,
+                     **run_kw) -> tuple[Quality, float, int]:
+    """(quality, TTFT of composition + first logits, cached tokens) for one segment prompt."""
+    start = time.perf_counter()
+    composition = plan(model, tokenizer, segments)
+    cache, logits = composition.run(model, **run_kw)
+    mx.eval(logits)
+    ttft = time.perf_counter() - start
+    got = forced_logprobs(model, cache, logits, continuation)
+    return compare(ref, got, continuation), ttft, composition.cached_tokens
+
+
+def docs_for(tokenizer, n_tokens: int = 512) -> list[str]:
+    return [fit(tokenizer, d, n_tokens) for d in DOCS]

