@@ -46,9 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(info)
 
     bench = sub.add_parser(
-        "bench", help="benchmarks: matmul (peak GFLOP/s), ttft, reuse (K/V reuse; see bench/)"
+        "bench", help="benchmarks: matmul (peak GFLOP/s), ttft, reuse (K/V reuse), kernels (see bench/)"
     )
-    bench.add_argument("what", choices=("matmul", "ttft", "reuse"))
+    bench.add_argument("what", choices=("matmul", "ttft", "reuse", "kernels"))
     # `bench ttft` owns its options (mlxgen/bench/ttft.py); everything after it goes there.
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
@@ -93,6 +93,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
         if run_reuse(args.bench_args):
             raise SystemExit(2)
+        return
+    if args.what == "kernels":
+        from .kernels import main as run_kernels
+
+        if run_kernels(args.bench_args):
+            raise SystemExit(1)
         return
     if args.what == "ttft":
         from .bench.ttft import run_cli

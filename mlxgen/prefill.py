@@ -16,8 +16,9 @@ from . import backend, settings
 CPU_CHUNK, GPU_CHUNK = 512, 2048
 
 
-def auto_chunk_size() -> int:
-    return CPU_CHUNK if backend.is_cpu() else GPU_CHUNK
+def chunk_size_for(override: int | None = None) -> int:
+    """The argument, else MLXGEN_PREFILL_CHUNK_SIZE, else the backend's auto policy."""
+    return settings.prefill_chunk_size(override) or (CPU_CHUNK if backend.is_cpu() else GPU_CHUNK)
 
 
 def cache_state(cache: list) -> list[mx.array]:
@@ -28,7 +29,7 @@ def prefill(
     model, tokens: Sequence[int] | mx.array, cache: list, chunk_size: int | None = None
 ) -> mx.array:
     """Run `tokens` through the model into `cache`; return the last position's logits (1, vocab)."""
-    chunk = settings.prefill_chunk_size(chunk_size) or auto_chunk_size()
+    chunk = chunk_size_for(chunk_size)
     tokens = mx.array(tokens) if not isinstance(tokens, mx.array) else tokens
     if tokens.ndim != 1 or tokens.size == 0:
         raise ValueError("prefill needs a non-empty 1-D sequence of token ids.")

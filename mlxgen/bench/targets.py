@@ -78,9 +78,9 @@ class MlxgenTarget(Target):
                            extra={"internal_ttft_s": stats.ttft_s})
 
     def info(self) -> dict[str, Any]:
-        from .. import settings
+        from ..prefill import chunk_size_for
 
-        return {**super().info(), "prefill_chunk_size": settings.prefill_chunk_size(self.chunk_size)}
+        return {**super().info(), "prefill_chunk_size": chunk_size_for(self.chunk_size)}
 
 
 class MlxLmTarget(Target):

@@ -21,7 +21,7 @@ import mlx.core as mx
 from .. import settings
 from ..cache import make_cache
 from ..errors import ChunkStoreError, CorruptChunkError, MlxgenError
-from ..prefill import cache_state
+from ..prefill import cache_state, chunk_size_for
 from . import persist
 from .fingerprint import model_fingerprint
 
@@ -58,7 +58,7 @@ def chunk_key(fingerprint: str, token_ids: Sequence[int]) -> str:
 
 def encode_chunk(model, token_ids: Sequence[int], chunk_size: int | None = None) -> ChunkKV:
     """Run the tokens alone from position 0 and keep every layer's unrotated K/V."""
-    step = settings.prefill_chunk_size(chunk_size)
+    step = chunk_size_for(chunk_size)
     cache = make_cache(len(model.layers), "pre-rope")
     tokens = mx.array(list(token_ids))
     for start in range(0, tokens.size, step):

@@ -21,7 +21,7 @@ import mlx.core as mx
 from .. import settings
 from ..cache import KVCache, make_cache
 from ..errors import ChunkStoreError, MlxgenError
-from ..prefill import prefill
+from ..prefill import chunk_size_for, prefill
 from .chunk_store import Chunk
 from .fingerprint import model_fingerprint
 from .recompute import check_strategy, recompute_placed
@@ -57,7 +57,7 @@ class Composition:
         """Build the cache for the whole prompt; return it and the last position's logits."""
         fraction = settings.recompute_fraction(recompute)
         strategy = check_strategy(recompute_strategy)
-        block = settings.prefill_chunk_size(prefill_chunk_size)
+        block = chunk_size_for(prefill_chunk_size)
         cache = make_cache(len(model.layers), cache_mode)
         kinds = [s.chunk is not None for s in self.segments]
         if not settings.cache_reuse(cache_reuse) or not any(kinds):
