@@ -87,7 +87,7 @@ class ChunkStore:
     ):
         self.model, self.tokenizer = model, tokenizer
         self.max_bytes = settings.chunk_store_bytes(max_bytes)
-        self.prefill_chunk_size = settings.prefill_chunk_size(prefill_chunk_size)
+        self.prefill_chunk_size = chunk_size_for(prefill_chunk_size)
         self.fingerprint = model_fingerprint(model)
         self.path = Path(path).expanduser() if path is not None else None
         if self.path is not None:
