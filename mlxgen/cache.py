@@ -46,6 +46,13 @@ class KVCache:
         keys, values = self.update_and_fetch(rope(keys, self.offset), values)
         return queries, keys, values
 
+    def fused_attention(
+        self, queries: mx.array, keys: mx.array, values: mx.array, rope: Rope, scale: float
+    ) -> mx.array | None:
+        """Attention by a custom kernel instead of rotate_and_update + sdpa, or None (no kernel
+        for this cache: the caller goes the usual way)."""
+        return None
+
     def attention_mask(self, n_queries: int) -> Mask:
         """Mask for the queries just passed to rotate_and_update (the last cached tokens)."""
         return "causal" if n_queries > 1 else None
@@ -121,6 +128,22 @@ class PreRopeKVCache(KVCache):
         keys, values = self.update_and_fetch(keys, values)
         # Token j's stored key is its key at position 0; rope(keys, 0) rotates it to position j.
         return queries, rope(keys, 0), values
+
+    def fused_attention(
+        self, queries: mx.array, keys: mx.array, values: mx.array, rope: Rope, scale: float
+    ) -> mx.array | None:
+        # Decode steps (1-8 queries) go to mlxgen.kernels where custom kernels can run (Metal):
+        # it rotates keys in registers, or keeps the MLX composition where that measured faster.
+        n = queries.shape[2]
+        if n > 8 or self.attention_mask(n) not in ("causal", None):
+            return None
+        from .kernels import decode_attention_prerope, get_dispatch
+
+        if not get_dispatch().enabled:
+            return None
+        self.update_and_fetch(keys, values)
+        # Whole buffers, not slices: the kernel reads the first `offset` rows without a copy.
+        return decode_attention_prerope(queries, self.keys, self.values, self.offset, rope, scale)
 
     def splice(self, keys: mx.array, values: mx.array, rope: Rope) -> None:
         self.update_and_fetch(keys, values)  # already in stored form: nothing to rotate

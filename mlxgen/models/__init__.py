@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import mlx.nn as nn
-
 from . import llama, qwen3_moe
 from .base import SUPPORTED_MODEL_TYPES, ModelArgs
 
@@ -23,4 +21,4 @@ def model_from_config(config: dict) -> llama.Model:
     return MODEL_CLASSES[args.model_type](args)
 
 
-__all__ = ["ModelArgs", "MODEL_CLASSES", "SUPPORTED_MODEL_TYPES", "model_from_config", "nn"]
+__all__ = ["ModelArgs", "MODEL_CLASSES", "SUPPORTED_MODEL_TYPES", "model_from_config"]

@@ -54,11 +54,13 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
         # The seam: the cache decides when keys are rotated and which keys each query sees
         # (see mlxgen/cache.py; chunk recompute in mlxgen/reuse attends from scattered positions).
-        if cache is None:
-            q, k = self.rope(q), self.rope(k)
-            mask = "causal" if L > 1 else None
-        else:
-            q, k, v = cache.rotate_and_update(q, k, v, self.rope)
-            mask = cache.attention_mask(L)
-        out = sdpa()(q, k, v, scale=self.scale, mask=mask)
+        out = None if cache is None else cache.fused_attention(q, k, v, self.rope, self.scale)
+        if out is None:
+            if cache is None:
+                q, k = self.rope(q), self.rope(k)
+                mask = "causal" if L > 1 else None
+            else:
+                q, k, v = cache.rotate_and_update(q, k, v, self.rope)
+                mask = cache.attention_mask(L)
+            out = sdpa()(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
