@@ -9,6 +9,7 @@ from typing import Any, Iterator, Sequence
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from . import settings
 from .cache import make_cache
 from .errors import ConfigError, MlxgenError, PromptTooLongError
 from .prefill import prefill
@@ -133,9 +134,13 @@ def stream_generate(
     growing. cache_mode: "standard" or "pre-rope" for a new cache. recompute,
     recompute_strategy: for segment prompts (mlxgen.reuse)."""
     from .reuse.compose import is_segments, plan
+    from .reuse.recompute import check_strategy
 
     start = time.perf_counter()
     params = SamplingParams(**sampling)
+    settings.recompute_fraction(recompute)  # validated for every prompt form, used by segments
+    if recompute_strategy is not None:
+        check_strategy(recompute_strategy)
     composed = plan(model, tokenizer, prompt) if is_segments(prompt) else None
     ids = composed.ids if composed else prompt_tokens(tokenizer, prompt, model.args.vocab_size)
     cached = 0 if cache is None else cache[0].offset

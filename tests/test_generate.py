@@ -178,7 +178,7 @@ def test_multibyte_streaming_never_splits_characters(tiny):
     [
         {"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -2}, {"top_k": 1.5},
         {"min_p": 2}, {"max_tokens": 0}, {"repetition_penalty": 0}, {"repetition_context_size": 0},
-        {"seed": "x"}, {"stop": [""]},
+        {"seed": "x"}, {"stop": [""]}, {"recompute": 2.0}, {"recompute_strategy": "bogus"},
     ],
 )
 def test_invalid_sampling_values(tiny, kw):
