@@ -1,6 +1,5 @@
 """mlxgen: fast time-to-first-token LLM inference on MLX (Apple Silicon first, CPU fallback)."""
 
-from .backend import report_blas as _report_blas
 from .errors import (
     ChunkStoreError, ConfigError, CorruptChunkError, MlxgenError, ModelLoadError, PromptTooLongError,
 )
@@ -17,4 +16,3 @@ __all__ = [
     "MlxgenError", "ModelLoadError", "ConfigError", "PromptTooLongError", "ChunkStoreError",
     "CorruptChunkError",
 ]
-_report_blas()

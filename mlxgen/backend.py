@@ -52,10 +52,15 @@ def blas_in_use() -> str:
     return f"reference BLAS (OpenBLAS {status['reason']})"
 
 
+_reported = False
+
+
 def report_blas() -> None:
-    """One log line naming the BLAS; a warning when the CPU is stuck on the slow one."""
-    if not is_cpu() or not sys.platform.startswith("linux"):
+    """One log line per process naming the BLAS; a warning when the CPU is stuck on the slow one."""
+    global _reported
+    if _reported or not is_cpu() or not sys.platform.startswith("linux"):
         return
+    _reported = True
     blas = blas_in_use()
     if blas.startswith("OpenBLAS"):
         log.info("mlxgen: CPU backend, BLAS = %s", blas)
