@@ -164,7 +164,3 @@ def make_cache(num_layers: int, mode: str | None = None) -> list[KVCache]:
     """One cache per layer; mode "standard" or "pre-rope" (default: MLXGEN_CACHE_MODE)."""
     cls = CACHE_CLASSES[settings.cache_mode(mode)]
     return [cls() for _ in range(num_layers)]
-
-
-def cache_mode_of(cache: list[KVCache]) -> str:
-    return "pre-rope" if cache and cache[0].pre_rope else "standard"

@@ -80,9 +80,6 @@ class Tokenizer:
     def backend(self) -> HFTokenizer:
         return self._tokenizer
 
-    def token_text(self, token_id: int) -> str | None:
-        return self._tokenizer.id_to_token(token_id)
-
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
         bos = self.bos_token_id

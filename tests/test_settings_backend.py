@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +101,9 @@ def test_blas_opt_out():
     out = run_probe("import mlx.core", MLXGEN_BLAS="off")
     assert not out["mapped"] and out["status"]["loaded"] is None
     assert out["blas"].startswith("reference BLAS")
+
+
+def test_readme_documents_every_env_var():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [name for name in settings.ENV_VARS if f"`{name}`" not in readme]
+    assert not missing, f"README's environment table lacks {missing}"

@@ -93,6 +93,17 @@ def stream_lines(url: str, payload: dict, timeout: float) -> Iterator[tuple[floa
         conn.close()
 
 
+def _event(data: bytes, line: bytes) -> dict:
+    """One streamed JSON event; a malformed line or an error event fails the sample."""
+    try:
+        msg = json.loads(data)
+    except ValueError:
+        raise TargetError(f"malformed stream line: {line[:100]!r}") from None
+    if "error" in msg:
+        raise TargetError(f"server error mid-stream: {msg['error']}")
+    return msg
+
+
 def _cut(chunks: int, what: str) -> TargetError:
     return TargetError(f"stream cut midway: the connection closed after {chunks} chunks "
                        f"without {what}")
@@ -137,12 +148,7 @@ class OllamaTarget(Target):
         first = final = None
         chunks = 0
         for t, line in stream_lines(f"{self.url}/api/generate", payload, self.timeout):
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                raise TargetError(f"malformed stream line: {line[:100]!r}") from None
-            if "error" in msg:
-                raise TargetError(f"server error mid-stream: {msg['error']}")
+            msg = _event(line, line)
             chunks += 1
             if first is None and msg.get("response"):
                 first = t
@@ -206,12 +212,7 @@ class OpenAITarget(Target):
             if data == b"[DONE]":
                 end = end or t
                 break
-            try:
-                msg = json.loads(data)
-            except ValueError:
-                raise TargetError(f"malformed stream line: {line[:100]!r}") from None
-            if "error" in msg:
-                raise TargetError(f"server error mid-stream: {msg['error']}")
+            msg = _event(data, line)
             chunks += 1
             usage = msg.get("usage") or usage
             timings = msg.get("timings") or timings
