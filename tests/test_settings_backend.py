@@ -47,6 +47,21 @@ def test_cpu_policy_defaults(monkeypatch):
         backend.keep_quantized("sometimes")
 
 
+def test_cpu_cache_limit_is_raised_but_never_lowered():
+    if not backend.is_cpu():
+        pytest.skip("CPU policy only")
+    import mlx.core as mx
+
+    original = mx.set_cache_limit(32 << 20)  # MLX's CPU default
+    try:
+        backend.raise_cpu_cache_limit()
+        assert mx.set_cache_limit(backend.CPU_CACHE_LIMIT * 4) == backend.CPU_CACHE_LIMIT
+        backend.raise_cpu_cache_limit()  # a larger limit set by the user stays
+        assert mx.set_cache_limit(original) == backend.CPU_CACHE_LIMIT * 4
+    finally:
+        mx.set_cache_limit(original)
+
+
 def test_cli_reports_bad_env_cleanly():
     env = dict(os.environ, MLXGEN_PREFILL_CHUNK_SIZE="zero")
     proc = subprocess.run(

@@ -44,6 +44,7 @@ def load(
     quantized: "auto" (dequantize on the CPU, keep on a GPU), "keep" or "dequantize".
     """
     backend.report_blas()  # once per process, after the caller had a chance to set up logging
+    backend.raise_cpu_cache_limit()
     with tqdm(total=2, desc=f"loading {source}", unit="step", disable=not progress) as bar:
         bar.set_postfix_str("reading weights and tokenizer")
         config, weights, quantization, tokenizer, info = _read_source(str(source), progress)
