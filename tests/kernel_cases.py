@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from mlxgen.kernels import DecodePlan, RopeParams
+from mlxgen.kernels import (DecodePlan, RopeParams, decode_attention_composition, decode_kernel,
+                            rope_composition, rope_kernel)
 from mlxgen.models.rope import RoPE
 
 TOL = {mx.float32: 1e-4, mx.float16: 1e-2, mx.bfloat16: 1e-2}
@@ -134,3 +135,30 @@ def decode_inputs(c: DecodeCase):
     k = mx.where(valid, mx.random.normal(kv), mx.nan).astype(c.dtype)
     v = mx.where(valid, mx.random.normal(kv), mx.nan).astype(c.dtype)
     return q, k, v, rope_params(c.kind, c.D, c.traditional)
+
+
+def check_rope_case(c: RopeCase, factory) -> None:
+    """Run the fused RoPE kernel built by `factory` on case c; check it against the float32
+    composition on the CPU stream (a GPU's own rope may differ in its frequencies' last bits)."""
+    seed = fresh_seed()
+    q, k, off, rope = rope_inputs(c)
+    q_out, k_out = rope_kernel(q, k, rope, off, factory, k_dtype=c.k_dtype)
+    with mx.stream(mx.cpu):
+        q_ref, k_ref = rope_composition(q.astype(F32), k.astype(F32), rope, off)
+    assert q_out.dtype == c.dtype and k_out.dtype == (c.k_dtype or c.dtype)
+    check(q_out, q_ref, c.dtype, seed, f"q {c}")
+    check(k_out, k_ref, k_out.dtype, seed, f"k {c}")
+
+
+def check_decode_case(c: DecodeCase, factory) -> None:
+    """Run the pre-RoPE decode attention kernels built by `factory` on case c; check them
+    against the float32 composition on the CPU stream."""
+    seed = fresh_seed()
+    q, k, v, rope = decode_inputs(c)
+    scale = c.D**-0.5
+    out = decode_kernel(q, k, v, c.n_keys, rope, scale, factory, pos0=c.pos0, plan=c.plan())
+    with mx.stream(mx.cpu):
+        ref = decode_attention_composition(q.astype(F32), k.astype(F32), v.astype(F32),
+                                           c.n_keys, rope, scale, pos0=c.pos0)
+    assert out.dtype == c.dtype
+    check(out, ref, c.dtype, seed, str(c))

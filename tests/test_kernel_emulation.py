@@ -8,13 +8,12 @@ import shutil
 
 import mlx.core as mx
 import pytest
-from kernel_cases import (DECODE_CASES, ROPE_CASES, TOL, F32, check, decode_inputs, fresh_seed,
-                          rope_inputs, rope_params)
+from kernel_cases import (DECODE_CASES, ROPE_CASES, TOL, F32, check, check_decode_case,
+                          check_rope_case, fresh_seed, rope_params)
 
 from mlxgen.emulation import metal_kernel
 from mlxgen.kernels import (KernelDispatch, decode_attention_composition,
-                            decode_attention_prerope, decode_kernel, fused_rope,
-                            rope_composition, rope_kernel)
+                            decode_attention_prerope, fused_rope, rope_composition)
 from mlxgen.kernels.launch import SPECS
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None,
@@ -36,26 +35,12 @@ def factory(**kw):
 
 @pytest.mark.parametrize("case", ROPE_CASES, ids=str)
 def test_fused_rope_matches_mlx(case):
-    seed = fresh_seed()
-    q, k, off, rope = rope_inputs(case)
-    q_out, k_out = rope_kernel(q, k, rope, off, factory, k_dtype=case.k_dtype)
-    q_ref, k_ref = rope_composition(q.astype(F32), k.astype(F32), rope, off)
-    assert q_out.dtype == case.dtype and k_out.dtype == (case.k_dtype or case.dtype)
-    check(q_out, q_ref, case.dtype, seed, f"q {case}")
-    check(k_out, k_ref, k_out.dtype, seed, f"k {case}")
+    check_rope_case(case, factory)
 
 
 @pytest.mark.parametrize("case", DECODE_CASES, ids=str)
 def test_decode_attention_prerope_matches_mlx(case):
-    seed = fresh_seed()
-    q, k, v, rope = decode_inputs(case)
-    scale = case.D**-0.5
-    out = decode_kernel(q, k, v, case.n_keys, rope, scale, factory, pos0=case.pos0,
-                        plan=case.plan())
-    ref = decode_attention_composition(q.astype(F32), k.astype(F32), v.astype(F32),
-                                       case.n_keys, rope, scale, pos0=case.pos0)
-    assert out.dtype == case.dtype
-    check(out, ref, case.dtype, seed, str(case))
+    check_decode_case(case, factory)
 
 
 def test_public_ops_use_the_kernel_when_dispatch_says_so():

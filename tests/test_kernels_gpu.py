@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
-from kernel_cases import (DECODE_CASES, F32, ROPE_CASES, check, decode_inputs, fresh_seed,
-                          rope_inputs)
+from kernel_cases import (DECODE_CASES, ROPE_CASES, DecodeCase, check, check_decode_case,
+                          check_rope_case, decode_inputs)
 
 from mlxgen.kernels import (KernelDispatch, bench_kernels, decode_attention_composition,
-                            decode_attention_prerope, decode_kernel, format_table,
-                            rope_composition, rope_kernel, unavailable_reason)
+                            decode_attention_prerope, format_table, unavailable_reason)
 
 REASON = unavailable_reason()
 pytestmark = [pytest.mark.gpu,
@@ -24,40 +23,18 @@ METAL = mx.fast.metal_kernel if REASON is None else None
 
 @pytest.mark.parametrize("case", ROPE_CASES, ids=str)
 def test_fused_rope_on_metal(case):
-    seed = fresh_seed()
-    q, k, off, rope = rope_inputs(case)
-    q_out, k_out = rope_kernel(q, k, rope, off, METAL, k_dtype=case.k_dtype)
-    with mx.stream(mx.cpu):
-        q_ref, k_ref = rope_composition(q.astype(F32), k.astype(F32), rope, off)
-    check(q_out, q_ref, case.dtype, seed, f"q {case}")
-    check(k_out, k_ref, k_out.dtype, seed, f"k {case}")
+    check_rope_case(case, METAL)
 
 
 @pytest.mark.parametrize("case", DECODE_CASES, ids=str)
 def test_decode_attention_prerope_on_metal(case):
-    seed = fresh_seed()
-    q, k, v, rope = decode_inputs(case)
-    out = decode_kernel(q, k, v, case.n_keys, rope, case.D**-0.5, METAL, pos0=case.pos0,
-                        plan=case.plan())
-    with mx.stream(mx.cpu):
-        ref = decode_attention_composition(q.astype(F32), k.astype(F32), v.astype(F32),
-                                           case.n_keys, rope, case.D**-0.5, pos0=case.pos0)
-    check(out, ref, case.dtype, seed, str(case))
+    check_decode_case(case, METAL)
 
 
 @pytest.mark.parametrize("n_keys", [4096, 32768])
 def test_long_context_decode_on_metal(n_keys):
     """Long contexts exercise the default split plan; positions up to 32k."""
-    from kernel_cases import DecodeCase
-
-    case = DecodeCase(1, 32, 8, 1, 128, n_keys, n_keys + 256, mx.float16)
-    seed = fresh_seed()
-    q, k, v, rope = decode_inputs(case)
-    out = decode_kernel(q, k, v, n_keys, rope, 128**-0.5, METAL)
-    with mx.stream(mx.cpu):
-        ref = decode_attention_composition(q.astype(F32), k.astype(F32), v.astype(F32), n_keys,
-                                           rope, 128**-0.5)
-    check(out, ref, mx.float16, seed, str(case))
+    check_decode_case(DecodeCase(1, 32, 8, 1, 128, n_keys, n_keys + 256, mx.float16), METAL)
 
 
 def test_auto_dispatch_benchmarks_once_and_records(tmp_path):

@@ -51,13 +51,22 @@ def test_cpu_cache_limit_is_raised_but_never_lowered():
     if not backend.is_cpu():
         pytest.skip("CPU policy only")
     import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlxgen.loading import build_model, model_from_config
 
     original = mx.set_cache_limit(32 << 20)  # MLX's CPU default
     try:
         backend.raise_cpu_cache_limit()
         assert mx.set_cache_limit(backend.CPU_CACHE_LIMIT * 4) == backend.CPU_CACHE_LIMIT
         backend.raise_cpu_cache_limit()  # a larger limit set by the user stays
-        assert mx.set_cache_limit(original) == backend.CPU_CACHE_LIMIT * 4
+        assert mx.set_cache_limit(32 << 20) == backend.CPU_CACHE_LIMIT * 4
+        # Building any model applies it (load() goes through build_model).
+        config = dict(model_type="llama", hidden_size=32, num_hidden_layers=1, intermediate_size=64,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+        weights = dict(tree_flatten(model_from_config(config).parameters()))
+        build_model(config, weights)
+        assert mx.set_cache_limit(original) == backend.CPU_CACHE_LIMIT
     finally:
         mx.set_cache_limit(original)
 

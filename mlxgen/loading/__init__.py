@@ -44,7 +44,6 @@ def load(
     quantized: "auto" (dequantize on the CPU, keep on a GPU), "keep" or "dequantize".
     """
     backend.report_blas()  # once per process, after the caller had a chance to set up logging
-    backend.raise_cpu_cache_limit()
     with tqdm(total=2, desc=f"loading {source}", unit="step", disable=not progress) as bar:
         bar.set_postfix_str("reading weights and tokenizer")
         config, weights, quantization, tokenizer, info = _read_source(str(source), progress)
@@ -134,6 +133,7 @@ def build_model(
     quantized: str | None = None,
 ) -> nn.Module:
     """Construct the model for `config` and load `weights` (HF names) into it, checked."""
+    backend.raise_cpu_cache_limit()  # every model built here runs with MLX's CPU buffer cache raised
     model = model_from_config(config)
     weights = model.sanitize(dict(weights))
     if quantization:
