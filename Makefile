@@ -8,7 +8,7 @@ PYTHON ?= python3
 .PHONY: setup demo test
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml kernels/cpu/fast_math.cpp kernels/cpu/CMakeLists.txt
 	@if [ "$$(uname)" = Linux ] && ! ldconfig -p 2>/dev/null | grep -q libopenblas.so.0; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas0-pthread >/dev/null; \
@@ -16,6 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev,bench,oracle]"
+	$(PY) -c "import mlxgen.cpu_ext as e; e.main()"  # build the CPU kernels once (~30 s)
 	touch $@
 
 demo: setup

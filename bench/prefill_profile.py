@@ -56,22 +56,31 @@ def layer_components(args, chunk: int, context: int) -> dict[str, tuple[float, f
     }
 
 
+# Prefill variants compared run by run: MLX's own ops, the fast path on MLX ops, the fast path
+# on mlxgen's C++ kernels (mlxgen/cpu_ext.py).
+VARIANTS = {"reference": {"MLXGEN_CPU_FAST_OPS": "off", "MLXGEN_CPU_KERNELS": "off"},
+            "mlx-ops": {"MLXGEN_CPU_FAST_OPS": "on", "MLXGEN_CPU_KERNELS": "off"},
+            "kernels": {"MLXGEN_CPU_FAST_OPS": "on", "MLXGEN_CPU_KERNELS": "on"}}
+
+
 def prefill_ab(model, n: int, chunk: int, reps: int) -> dict[str, float]:
-    """Median seconds of a whole prefill, reference vs fast ops, interleaved, fresh prompts."""
-    def run(mode: str) -> float:
-        os.environ["MLXGEN_CPU_FAST_OPS"] = mode
+    """Median seconds of a whole prefill per variant, interleaved, fresh prompts."""
+    def run(variant: str) -> float:
+        os.environ.update(VARIANTS[variant])
         ids = [random.randrange(100, model.args.vocab_size - 100) for _ in range(n)]
         t = time.perf_counter()
         mx.eval(prefill(model, ids, model.make_cache(), chunk))
         return time.perf_counter() - t
 
-    run("on"), run("off")  # warm-up: compiled kernels, allocator
-    samples = {"off": [], "on": []}
+    for v in VARIANTS:  # warm-up: compiled kernels, allocator
+        run(v)
+    samples = {v: [] for v in VARIANTS}
     for i in range(reps):
-        for mode in (("off", "on") if i % 2 == 0 else ("on", "off")):
-            samples[mode].append(run(mode))
-    os.environ.pop("MLXGEN_CPU_FAST_OPS")
-    return {mode: statistics.median(v) for mode, v in samples.items()}
+        for v in (list(VARIANTS) if i % 2 == 0 else list(VARIANTS)[::-1]):
+            samples[v].append(run(v))
+    for name in VARIANTS["reference"]:
+        os.environ.pop(name)
+    return {v: statistics.median(t) for v, t in samples.items()}
 
 
 def main() -> None:
@@ -94,11 +103,12 @@ def main() -> None:
             chunk = min(chunks[0], n)
             for name, (ref, fast) in layer_components(model.args, chunk, n).items():
                 print(f"  chunk {chunk} at context {n:5d}  {name:10s} {ref:8.1f} -> {fast:8.1f}")
-    print("\nwhole prefill, median s (reference / fast, speedup):")
+    print(f"\nwhole prefill, median s ({' / '.join(VARIANTS)}; kernels vs mlx-ops):")
     for n in lengths:
         for chunk in chunks:
             r = prefill_ab(model, n, chunk, a.reps)
-            print(f"  {n:5d} tokens, chunk {chunk:5d}: {r['off']:7.2f} / {r['on']:7.2f}  x{r['off'] / r['on']:.2f}", flush=True)
+            times = " / ".join(f"{r[v]:6.2f}" for v in VARIANTS)
+            print(f"  {n:5d} tokens, chunk {chunk:5d}: {times}  x{r['kernels'] / r['mlx-ops']:.2f}", flush=True)
 
 
 if __name__ == "__main__":

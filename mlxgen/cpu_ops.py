@@ -10,7 +10,12 @@ Only used behind `backend.fast_cpu_ops()`; the GPU path keeps mx.fast.*."""
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
+import mlx.nn as nn
+
+from .cpu_ext import kernels
 
 _SQUARINGS = 8
 _P_SQUARINGS = 4  # the last squarings act on p = 1 + q directly
@@ -47,7 +52,24 @@ def _silu_mul(gate: mx.array, up: mx.array) -> mx.array:
 
 def silu_mul(gate: mx.array, up: mx.array) -> mx.array:
     """silu(gate) * up, the SwiGLU activation."""
+    ext = kernels()
+    if ext is not None and gate.dtype == up.dtype == mx.float32 and gate.shape == up.shape:
+        return ext.silu_mul(gate, up)
     return _silu_mul(gate, up)
+
+
+def few_rows_linear(x: mx.array, layer: nn.Module, max_rows: int = 8) -> mx.array | None:
+    """x @ weight.T for an nn.Linear (no bias) or nn.Embedding used as the LM head, when x has at
+    most `max_rows` rows: one streaming pass over the weight on all cores (MLX sends one row
+    through a packing sgemm, ~3x slower). None when the kernel does not apply."""
+    ext = kernels()
+    weight = getattr(layer, "weight", None)
+    plain = type(layer) in (nn.Linear, nn.Embedding) and "bias" not in layer
+    if ext is None or not plain or weight.dtype != mx.float32 or x.dtype != mx.float32:
+        return None
+    if x.size // x.shape[-1] > max_rows:
+        return None
+    return ext.matvec(x, weight, os.cpu_count() or 1)
 
 
 def causal_bias(q_len: int, k_len: int) -> mx.array:
@@ -95,17 +117,28 @@ def _attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.arr
     rep = H // KV
     # Group the query heads that share a KV head into one matrix: (B, KV, rep * L, D).
     scores = ((q * scale).reshape(B, KV, rep * L, D) @ k.swapaxes(-1, -2)).reshape(B, KV, rep, L, N)
+    weights = _softmax_numerators(scores, mask, B, KV, rep, L, N)
+    # Normalise after the value matmul: dividing (L, D) rows is cheaper than (L, N) weights;
+    # v's last column is ones, so out's last column is the denominator.
+    out = weights.reshape(B, KV, rep * L, N) @ v
+    return (out[..., :-1] / out[..., -1:]).reshape(B, H, L, -1)
+
+
+def _softmax_numerators(scores: mx.array, mask, B: int, KV: int, rep: int, L: int, N: int) -> mx.array:
+    # exp(scores - row max) with masked keys at 0; the row sums come later from the ones column.
+    ext = kernels()
+    if ext is not None and scores.dtype == mx.float32 and not isinstance(mask, mx.array):
+        # One pass per row; causal visibility is computed in the kernel, no bias array.
+        return ext.softmax_numerators(scores, L, N - L if mask == "causal" else -1)
     if isinstance(mask, str):
         mask = causal_bias(L, N)
     elif mask is not None and mask.dtype == mx.bool_:
         mask = mx.where(mask, 0.0, -mx.inf)
     if mask is not None:
         scores = scores + _group(mask.astype(scores.dtype), B, KV, rep, L, N)
-    weights = _shifted_exp(scores, scores.max(axis=-1, keepdims=True))
-    # Normalise after the value matmul: dividing (L, D) rows is cheaper than (L, N) weights;
-    # v's last column is ones, so out's last column is the denominator.
-    out = weights.reshape(B, KV, rep * L, N) @ v
-    return (out[..., :-1] / out[..., -1:]).reshape(B, H, L, -1)
+        if ext is not None and scores.dtype == mx.float32:
+            return ext.softmax_numerators(scores, L, -1)
+    return _shifted_exp(scores, scores.max(axis=-1, keepdims=True))
 
 
 def _group(mask: mx.array, B: int, KV: int, rep: int, L: int, N: int) -> mx.array:

@@ -1,4 +1,9 @@
-"""The CPU fast path (mlxgen/cpu_ops.py) against MLX's own ops: exp, SwiGLU, attention, logits."""
+"""The CPU fast path (mlxgen/cpu_ops.py) against MLX's own ops: exp, SwiGLU, attention, logits.
+
+SwiGLU and attention run twice: on mlxgen's C++ kernels (mlxgen/cpu_ext.py) and on the MLX-op
+forms used when those cannot be built."""
+
+import shutil
 
 import numpy as np
 import mlx.core as mx
@@ -21,7 +26,17 @@ def test_exp_accuracy_and_no_bias():
     assert got[-1] == 1.0  # the row max maps to exactly 1
 
 
-def test_silu_mul():
+needs_compiler = pytest.mark.skipif(not (shutil.which("cmake") and shutil.which("c++")),
+                                    reason="the CPU kernels need cmake and a C++ compiler")
+
+
+@pytest.fixture(params=[pytest.param("on", marks=needs_compiler), "off"])
+def cpu_kernels(request, monkeypatch):
+    monkeypatch.setenv("MLXGEN_CPU_KERNELS", request.param)
+    return request.param
+
+
+def test_silu_mul(cpu_kernels):
     g, u = mx.random.normal((3, 700)) * 8, mx.random.normal((3, 700))
     assert mx.abs(cpu_ops.silu_mul(g, u) - nn.silu(g) * u).max().item() < 1e-5
 
@@ -29,7 +44,7 @@ def test_silu_mul():
 @pytest.mark.parametrize("heads,kv,q_len,k_len", [(9, 3, 7, 7), (14, 2, 64, 300), (4, 4, 33, 33),
                                                   (8, 1, 300, 1100), (9, 3, 1, 50), (6, 2, 5, 40)])
 @pytest.mark.parametrize("mask", ["causal", None, "bool", "additive"])
-def test_attention_matches_mlx(heads, kv, q_len, k_len, mask):
+def test_attention_matches_mlx(heads, kv, q_len, k_len, mask, cpu_kernels):
     q = mx.random.normal((1, heads, q_len, 64))
     k, v = mx.random.normal((1, kv, k_len, 64)), mx.random.normal((1, kv, k_len, 64))
     if mask in ("bool", "additive"):
@@ -42,7 +57,7 @@ def test_attention_matches_mlx(heads, kv, q_len, k_len, mask):
     assert mx.abs(got - want).max().item() < 1e-5
 
 
-def test_causal_blocks_are_used_and_exact():
+def test_causal_blocks_are_used_and_exact(cpu_kernels):
     # 300 queries over 1100 keys with 8 heads: blocks of < 300 rows, each with its own key range.
     assert cpu_ops._block_rows(8, 1100) < 300
     q, k, v = mx.random.normal((1, 8, 300, 64)), mx.random.normal((1, 2, 1100, 64)), mx.random.normal((1, 2, 1100, 64))

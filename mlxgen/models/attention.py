@@ -7,6 +7,7 @@ import mlx.nn as nn
 
 from .. import backend, cpu_ops
 from .base import ModelArgs
+from .norm import RMSNorm
 from .rope import RoPE
 
 
@@ -40,8 +41,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=args.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * hd, dim, bias=args.o_proj_bias)
         if args.qk_norm:
-            self.q_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
-            self.k_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+            self.q_norm = RMSNorm(hd, eps=args.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, eps=args.rms_norm_eps)
         self.rope = make_rope(args)
 
     def __call__(self, x: mx.array, cache=None) -> mx.array:

@@ -14,6 +14,7 @@ from .. import backend, cpu_ops
 from ..cache import KVCache, make_cache
 from .attention import Attention
 from .base import ModelArgs
+from .norm import RMSNorm
 
 
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
@@ -42,8 +43,8 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.self_attn = Attention(args)
         self.mlp = mlp
-        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.input_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, cache=None) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), cache)
@@ -57,7 +58,7 @@ class DecoderStack(nn.Module):
         self.layers = [
             TransformerBlock(args, mlp_factory(args, i)) for i in range(args.num_hidden_layers)
         ]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
         h = self.embed_tokens(inputs)
@@ -90,9 +91,10 @@ class Model(nn.Module):
 
     def logits(self, hidden: mx.array) -> mx.array:
         h = self.model.norm(hidden)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+        head = self.model.embed_tokens if self.args.tie_word_embeddings else self.lm_head
+        if backend.fast_cpu_ops() and (out := cpu_ops.few_rows_linear(h, head)) is not None:
+            return out
+        return head.as_linear(h) if self.args.tie_word_embeddings else head(h)
 
     @property
     def layers(self) -> list[TransformerBlock]:

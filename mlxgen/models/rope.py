@@ -10,6 +10,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import backend
+from ..cpu_ext import kernels
 from ..errors import UnsupportedModelError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -45,8 +47,23 @@ class RoPE(nn.Module):
             periods = _base_periods(dims, base) * mx.array(freq_factors, dtype=mx.float32)
         # Stored under a private name so it is not treated as a weight.
         self._periods = periods
+        self._inv_freqs = None
+
+    def inverse_frequencies(self) -> mx.array:
+        """Radians per position of each rotated pair, computed as mx.fast.rope computes them."""
+        if self._inv_freqs is None:
+            half = self.dims // 2
+            if self._periods is not None:
+                self._inv_freqs = mx.reciprocal(self._periods)
+            else:
+                self._inv_freqs = mx.exp(mx.arange(0, -half, -1, dtype=mx.float32) * (math.log(self.base) / half))
+        return self._inv_freqs
 
     def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
+        ext = kernels() if backend.fast_cpu_ops() else None
+        if ext is not None and isinstance(offset, int) and x.ndim == 4 and x.dtype == mx.float32:
+            # One pass, reading the transposed projection in place (mlxgen/cpu_ext.py).
+            return ext.rope(x, self.dims, self.traditional, self.inverse_frequencies(), self.scale, offset)
         return mx.fast.rope(
             x,
             self.dims,

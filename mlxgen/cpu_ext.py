@@ -1,0 +1,168 @@
+"""mlxgen's C++ CPU kernels (kernels/cpu/fast_math.cpp): built once per machine, loaded as MLX ops.
+
+MLX JIT-compiles its CPU kernels without -march (SSE2, no FMA) and splits an exp polynomial
+into several passes; these kernels do the softmax numerators and SwiGLU in one pass each, built
+for the host CPU (5-8x faster than the compiled-MLX forms, bench/NOTES.md). The build needs
+cmake, a C++ compiler and nanobind (a dependency on Linux); it is cached under
+`<MLXGEN_CACHE_DIR>/cpu-kernels/<hash>` keyed by the sources, MLX, nanobind and Python.
+When anything is missing the build fails once, is logged, and cpu_ops.py keeps its MLX-op forms.
+
+    python -c "import mlxgen.cpu_ext as e; e.main()"   # build now (make setup does) and say where
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+
+from . import settings
+from .kernels.sources import read_source
+
+log = logging.getLogger("mlxgen")
+
+SOURCES = ("cpu/fast_math.cpp", "cpu/CMakeLists.txt")
+MODULE = "_mlxgen_cpu"
+BUILD_TIMEOUT_S = 600
+
+
+class CpuKernelBuildError(RuntimeError):
+    """The CPU kernels could not be built or loaded; the message names the cause and the log."""
+
+
+def _versions() -> str:
+    import mlx.core as mx
+
+    try:
+        import nanobind
+
+        nb = nanobind.__version__
+    except ImportError:
+        nb = "missing"
+    return f"mlx {mx.__version__}; nanobind {nb}; python {sys.version}; {platform.machine()}"
+
+
+def build_dir() -> Path:
+    """Where this machine's build of the current sources lives."""
+    h = hashlib.sha256(_versions().encode())
+    for name in SOURCES:
+        h.update(read_source(name).encode())
+    return settings.cache_dir() / "cpu-kernels" / h.hexdigest()[:16]
+
+
+def _find_built(directory: Path) -> Path | None:
+    found = sorted(directory.glob(f"{MODULE}*.so")) + sorted(directory.glob(f"{MODULE}*.pyd"))
+    return found[0] if found else None
+
+
+def build(force: bool = False) -> Path:
+    """Build the extension into build_dir() (a no-op when already built); return the library."""
+    out = build_dir()
+    if not force and (lib := _find_built(out)):
+        return lib
+    cmake = shutil.which("cmake") or shutil.which("cmake", path=str(Path(sys.executable).parent))
+    if cmake is None:
+        raise CpuKernelBuildError("cmake was not found on PATH; install cmake (apt or pip).")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Build in a private directory and rename it into place: concurrent builders never see
+    # (or load) a half-written library, and the first finished build wins.
+    work = Path(tempfile.mkdtemp(prefix="build-", dir=out.parent))
+    src = work / "src"
+    src.mkdir()
+    for name in SOURCES:
+        (src / Path(name).name).write_text(read_source(name), encoding="utf-8")
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    steps = [
+        [cmake, "-S", str(src), "-B", str(work / "build"), f"-DPython_EXECUTABLE={sys.executable}",
+         *generator],
+        [cmake, "--build", str(work / "build"), "--parallel", str(os.cpu_count() or 2)],
+    ]
+    log_path = out.parent / "last-build.log"
+    with open(log_path, "w", encoding="utf-8") as log_file:
+        for step in steps:
+            try:
+                subprocess.run(step, stdout=log_file, stderr=subprocess.STDOUT, check=True,
+                               timeout=BUILD_TIMEOUT_S, stdin=subprocess.DEVNULL)
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+                shutil.rmtree(work, ignore_errors=True)
+                raise CpuKernelBuildError(f"building mlxgen's CPU kernels failed ({e}); "
+                                          f"see {log_path}.") from None
+    lib = _find_built(work / "build")
+    if lib is None:
+        shutil.rmtree(work, ignore_errors=True)
+        raise CpuKernelBuildError(f"the CPU kernel build produced no {MODULE} library; see {log_path}.")
+    staged = work / "out"
+    staged.mkdir()
+    shutil.copy2(lib, staged / lib.name)
+    try:
+        if force and out.exists():
+            shutil.rmtree(out)
+        staged.rename(out)
+    except OSError:
+        pass  # another process finished first: use its build
+    shutil.rmtree(work, ignore_errors=True)
+    return _find_built(out) or lib
+
+
+def _import(lib: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(MODULE, lib)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _self_check(module: ModuleType) -> None:
+    # Fails if the library cannot take mx.array (a nanobind ABI different from mlx.core's).
+    import mlx.core as mx
+
+    x = mx.array([[0.0, -1.0, 2.0]])
+    got = module.softmax_numerators(x, 1, -1).tolist()[0]
+    want = [float(v) for v in mx.exp(x - 2.0).tolist()[0]]
+    if any(abs(a - b) > 1e-6 for a, b in zip(got, want)):
+        raise CpuKernelBuildError(f"CPU kernel self-check failed: {got} != {want}.")
+
+
+@cache
+def _load() -> tuple[ModuleType | None, str]:
+    try:
+        module = _import(build())
+        _self_check(module)
+        return module, ""
+    except Exception as e:  # any failure leaves the MLX-op path in place
+        log.warning("mlxgen: CPU kernels unavailable, using MLX ops (slower prefill): %s", e)
+        return None, str(e)
+
+
+def kernels() -> ModuleType | None:
+    """The extension (built on first use), or None when MLXGEN_CPU_KERNELS=off or it cannot build."""
+    mode = settings.cpu_kernels()
+    if mode == "off":
+        return None
+    module, error = _load()
+    if module is None and mode == "on":
+        raise CpuKernelBuildError(f"MLXGEN_CPU_KERNELS=on but the CPU kernels are unavailable: {error}")
+    return module
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        lib = build()
+        _self_check(_import(lib))
+    except CpuKernelBuildError as e:
+        print(f"mlxgen CPU kernels: not built ({e}); prefill uses MLX ops.")
+        return
+    print(f"mlxgen CPU kernels: {lib}")
+
+
+if __name__ == "__main__":
+    main()

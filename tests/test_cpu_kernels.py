@@ -1,0 +1,144 @@
+"""mlxgen's C++ CPU kernels (kernels/cpu/fast_math.cpp via mlxgen/cpu_ext.py): build, cache, math."""
+
+import shutil
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlxgen import cpu_ext
+from mlxgen.errors import ConfigError
+
+pytestmark = pytest.mark.skipif(not (shutil.which("cmake") and shutil.which("c++")),
+                                reason="the CPU kernels need cmake and a C++ compiler")
+
+
+@pytest.fixture(scope="module")
+def ext():
+    module = cpu_ext.kernels()
+    assert module is not None, "the CPU kernels did not build; see the mlxgen warning above"
+    return module
+
+
+def numerators_reference(scores: np.ndarray, q_len: int, first_visible: int) -> np.ndarray:
+    s = scores.astype(np.float64).reshape(-1, scores.shape[-1])
+    keys = np.arange(s.shape[1])
+    out = np.zeros_like(s)
+    for r, row in enumerate(s):
+        visible = keys <= first_visible + r % q_len if first_visible >= 0 else keys >= 0
+        out[r, visible] = np.exp(row[visible] - row[visible].max())
+    return out.reshape(scores.shape)
+
+
+def test_exp_is_accurate_over_the_softmax_range(ext):
+    x = mx.linspace(-87, 0, 300_001)[None]
+    got = np.array(ext.softmax_numerators(x, 1, -1)).astype(np.float64)[0]
+    want = np.exp(np.array(x, dtype=np.float64)[0])
+    assert np.abs(got - want).max() < 1e-7
+    assert (np.abs(got - want) / want).max() < 3e-7  # relative: tiny terms stay exact too
+    assert got[-1] == 1.0  # the row max maps to exactly 1
+    far = ext.softmax_numerators(mx.array([[0.0, -100.0, -mx.inf]]), 1, -1)
+    assert far.tolist() == [[1.0, 0.0, 0.0]]  # below exp's float range: exactly 0, no NaN
+
+
+@pytest.mark.parametrize("rows,q_len,keys", [(7, 7, 7), (2 * 3 * 5, 5, 40), (64, 16, 1000), (9, 9, 3)])
+def test_causal_numerators(ext, rows, q_len, keys):
+    scores = mx.random.normal((1, rows, keys)) * 4
+    first = keys - q_len if keys >= q_len else 0
+    got = np.array(ext.softmax_numerators(scores, q_len, first))
+    want = numerators_reference(np.array(scores), q_len, first)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-7)
+    assert (got[..., first + q_len:] == 0).all() if first + q_len < keys else True
+
+
+def test_fully_masked_row_is_zero_not_nan(ext):
+    got = ext.softmax_numerators(mx.full((2, 5), -mx.inf), 1, -1)
+    assert np.array(got).tolist() == [[0.0] * 5] * 2
+
+
+def test_non_contiguous_inputs(ext):
+    scores = mx.random.normal((40, 24)).T  # a transposed view
+    got = np.array(ext.softmax_numerators(scores, 1, -1))
+    np.testing.assert_allclose(got, numerators_reference(np.array(scores), 1, -1), rtol=2e-6, atol=1e-7)
+    g, u = mx.random.normal((33, 70)) * 6, mx.random.normal((70, 33)).T
+    np.testing.assert_allclose(np.array(ext.silu_mul(g, u)), np.array(nn.silu(g) * u), rtol=1e-5, atol=1e-6)
+
+
+def test_silu_mul_extremes(ext):
+    g = mx.array([-200.0, -88.0, -20.0, -1e-8, 0.0, 1e-8, 20.0, 88.0, 200.0])
+    got = np.array(ext.silu_mul(g, mx.ones_like(g)))
+    want = np.array(g, dtype=np.float64) / (1 + np.exp(-np.array(g, dtype=np.float64)))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("rows,k,n", [(1, 896, 1000), (3, 77, 4099), (8, 64, 5)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_matvec(ext, rows, k, n, threads):
+    x, w = mx.random.normal((1, rows, k)), mx.random.normal((n, k))
+    want = np.array(x, dtype=np.float64) @ np.array(w, dtype=np.float64).T
+    np.testing.assert_allclose(np.array(ext.matvec(x, w, threads)), want, rtol=1e-4, atol=1e-4)
+
+
+def test_rms_norm_matches_mlx(ext):
+    x = (mx.random.normal((40, 3, 100)) * 5).transpose(1, 0, 2)  # non-contiguous
+    w = mx.random.normal((100,))
+    np.testing.assert_allclose(np.array(ext.rms_norm(x, w, 1e-6)),
+                               np.array(mx.fast.rms_norm(x, w, 1e-6)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("traditional", [False, True])
+@pytest.mark.parametrize("dims,offset,table", [(64, 0, False), (64, 4000, False), (32, 17, False), (64, 9, True)])
+def test_rope_matches_mlx(ext, traditional, dims, offset, table):
+    x = mx.random.normal((2, 11, 5, 64)).transpose(0, 2, 1, 3)  # (B, H, L, D) read through strides
+    base, half = 10000.0, dims // 2
+    periods = mx.random.uniform(1.0, 5000.0, (half,)) if table else None
+    inv = 1.0 / periods if table else mx.exp(mx.arange(0, -half, -1, dtype=mx.float32) * (np.log(base) / half))
+    got = ext.rope(x, dims, traditional, inv, 0.5, offset)
+    want = mx.fast.rope(x, dims, traditional=traditional, base=None if table else base, scale=0.5,
+                        offset=offset, freqs=periods)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=2e-5)
+
+
+def test_bad_input_is_refused_with_a_reason(ext):
+    with pytest.raises(ValueError, match="weight \\(n, k\\)"):
+        ext.matvec(mx.zeros((1, 5)), mx.zeros((3, 4)), 1)
+    with pytest.raises(ValueError, match="even dims"):
+        ext.rope(mx.zeros((1, 2, 3, 8)), 7, False, mx.ones((3,)), 1.0, 0)
+    with pytest.raises(ValueError, match="float32"):
+        ext.softmax_numerators(mx.zeros((2, 3), dtype=mx.float16), 1, -1)
+    with pytest.raises(ValueError, match="equal shapes"):
+        ext.silu_mul(mx.zeros((2, 3)), mx.zeros((3, 2)))
+    with pytest.raises(ValueError, match="q_len"):
+        ext.softmax_numerators(mx.zeros((2, 3)), 0, -1)
+
+
+def test_build_is_cached_and_keyed_by_the_sources(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLXGEN_CACHE_DIR", str(tmp_path))
+    first = cpu_ext.build_dir()
+    real = cpu_ext.read_source
+    monkeypatch.setattr(cpu_ext, "read_source", lambda name: real(name) + ("\n// edited" if name.endswith(".cpp") else ""))
+    assert cpu_ext.build_dir() != first and cpu_ext.build_dir().parent == first.parent
+
+
+def test_modes(monkeypatch):
+    monkeypatch.setenv("MLXGEN_CPU_KERNELS", "off")
+    assert cpu_ext.kernels() is None
+    monkeypatch.setenv("MLXGEN_CPU_KERNELS", "sometimes")
+    with pytest.raises(ConfigError, match="MLXGEN_CPU_KERNELS"):
+        cpu_ext.kernels()
+
+
+def test_failed_build_falls_back_or_raises_when_required(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLXGEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cmake, no compiler
+    monkeypatch.setattr(cpu_ext.sys, "executable", str(tmp_path / "python"))
+    cpu_ext._load.cache_clear()
+    try:
+        monkeypatch.setenv("MLXGEN_CPU_KERNELS", "auto")
+        assert cpu_ext.kernels() is None
+        monkeypatch.setenv("MLXGEN_CPU_KERNELS", "on")
+        with pytest.raises(cpu_ext.CpuKernelBuildError, match="cmake"):
+            cpu_ext.kernels()
+    finally:
+        cpu_ext._load.cache_clear()
