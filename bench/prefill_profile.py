@@ -4,7 +4,8 @@
 
 1. Per-layer components for one chunk (matmuls, attention, SwiGLU, norms/RoPE) at each length,
    reference ops vs mlxgen/cpu_ops.py.
-2. Whole prefill, reference vs fast ops, interleaved run by run (median of --reps), per chunk size.
+2. Whole prefill, interleaved run by run (median of --reps), per chunk size: MLX's ops, the fast
+   path on MLX ops (MLXGEN_CPU_KERNELS=off), the fast path on mlxgen's C++ kernels.
 Prints the machine, backend and BLAS so numbers can be compared only where they are comparable."""
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """mlxgen's C++ CPU kernels (kernels/cpu/fast_math.cpp): built once per machine, loaded as MLX ops.
 
-MLX JIT-compiles its CPU kernels without -march (SSE2, no FMA) and splits an exp polynomial
-into several passes; these kernels do the softmax numerators and SwiGLU in one pass each, built
-for the host CPU (5-8x faster than the compiled-MLX forms, bench/NOTES.md). The build needs
-cmake, a C++ compiler and nanobind (a dependency on Linux); it is cached under
-`<MLXGEN_CACHE_DIR>/cpu-kernels/<hash>` keyed by the sources, MLX, nanobind and Python.
+MLX JIT-compiles its CPU kernels without -march (SSE2, no FMA), splits an exp polynomial into
+several passes, composes RMSNorm and RoPE from 5-15 ops, and sends a one-row matmul through a
+packing sgemm. These primitives do the softmax numerators, SwiGLU, RMSNorm and RoPE in one pass
+each and the LM head's few-row matmul as a streaming dot product on all cores, built for the host
+CPU (3-8x faster per op, bench/NOTES.md). The build needs cmake, a C++ compiler, Python headers
+and nanobind (dependencies on Linux); it is cached under `<MLXGEN_CACHE_DIR>/cpu-kernels/<hash>`
+keyed by the sources, MLX, nanobind, Python and the CPU's feature flags.
 When anything is missing the build fails once, is logged, and cpu_ops.py keeps its MLX-op forms.
 
     python -c "import mlxgen.cpu_ext as e; e.main()"   # build now (make setup does) and say where
@@ -39,6 +41,15 @@ class CpuKernelBuildError(RuntimeError):
     """The CPU kernels could not be built or loaded; the message names the cause and the log."""
 
 
+def _cpu_flags() -> str:
+    # The build uses -march=native: a cache shared between different CPUs must not mix builds.
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
 def _versions() -> str:
     import mlx.core as mx
 
@@ -48,7 +59,7 @@ def _versions() -> str:
         nb = nanobind.__version__
     except ImportError:
         nb = "missing"
-    return f"mlx {mx.__version__}; nanobind {nb}; python {sys.version}; {platform.machine()}"
+    return f"mlx {mx.__version__}; nanobind {nb}; python {sys.version}; {platform.machine()}; {_cpu_flags()}"
 
 
 def build_dir() -> Path:

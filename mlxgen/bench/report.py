@@ -35,7 +35,7 @@ class BenchResult:
         peak = f"{self.peak_gflops:.1f} GFLOP/s" if self.peak_gflops else "not measured"
         parts = [f"TTFT, model `{self.model.get('source')}` ({self.model.get('parameters')}), "
                  f"backend {self.env.get('backend', {}).get('name', '?')}, float32 matmul peak "
-                 f"{peak}; (!) = server prompt count > 2% off ours.", "", self.table(), "",
+                 f"{peak} (best of the sweep); (!) = server prompt count > 2% off ours.", "", self.table(), "",
                  loads_table(self.targets)]
         if self.failures:
             parts += ["", "Failures:"] + [f"- {k}: {v}" for k, v in self.failures.items()]
