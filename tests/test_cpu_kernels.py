@@ -49,7 +49,6 @@ def test_causal_numerators(ext, rows, q_len, keys):
     got = np.array(ext.softmax_numerators(scores, q_len, first))
     want = numerators_reference(np.array(scores), q_len, first)
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-7)
-    assert (got[..., first + q_len:] == 0).all() if first + q_len < keys else True
 
 
 def test_fully_masked_row_is_zero_not_nan(ext):
