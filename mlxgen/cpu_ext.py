@@ -75,10 +75,10 @@ def _find_built(directory: Path) -> Path | None:
     return found[0] if found else None
 
 
-def build(force: bool = False) -> Path:
+def build() -> Path:
     """Build the extension into build_dir() (a no-op when already built); return the library."""
     out = build_dir()
-    if not force and (lib := _find_built(out)):
+    if lib := _find_built(out):
         return lib
     cmake = shutil.which("cmake") or shutil.which("cmake", path=str(Path(sys.executable).parent))
     if cmake is None:
@@ -115,8 +115,6 @@ def build(force: bool = False) -> Path:
     staged.mkdir()
     shutil.copy2(lib, staged / lib.name)
     try:
-        if force and out.exists():
-            shutil.rmtree(out)
         staged.rename(out)
     except OSError:
         pass  # another process finished first: use its build
@@ -164,15 +162,17 @@ def kernels() -> ModuleType | None:
     return module
 
 
+def on_cpu() -> ModuleType | None:
+    """kernels() where the CPU fast path is on (backend.fast_cpu_ops()), else None."""
+    from . import backend
+
+    return kernels() if backend.fast_cpu_ops() else None
+
+
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        lib = build()
-        _self_check(_import(lib))
-    except CpuKernelBuildError as e:
-        print(f"mlxgen CPU kernels: not built ({e}); prefill uses MLX ops.")
-        return
-    print(f"mlxgen CPU kernels: {lib}")
+    module, error = _load()
+    print(f"mlxgen CPU kernels: {module.__file__}" if module else
+          f"mlxgen CPU kernels: not built ({error}); prefill uses MLX ops.")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ ENV_VARS = {
     "MLXGEN_DTYPE": "float dtype for weights: auto (default; float32 on CPU, float16 on GPU), float32, float16, bfloat16",
     "MLXGEN_CACHE_DIR": "where fetched models are cached (default ~/.cache/mlxgen)",
     "MLXGEN_CPU_FAST_OPS": "on the CPU, fast softmax/SwiGLU math (mlxgen/cpu_ops.py): on (default) or off",
-    "MLXGEN_CPU_KERNELS": "on the CPU, mlxgen's C++ softmax/SwiGLU kernels, built once per machine (mlxgen/cpu_ext.py): auto (default; MLX ops if the build fails), on (fail instead), off",
+    "MLXGEN_CPU_KERNELS": "on the CPU, mlxgen's C++ softmax/SwiGLU/RMSNorm/RoPE/LM-head kernels, built once per machine (mlxgen/cpu_ext.py): auto (default; MLX ops if the build fails), on (fail instead), off",
     "MLXGEN_KERNELS": "custom Metal kernels: auto (default; only where measured faster), off, on",
     "MLXGEN_LOG_LEVEL": "logging level for the mlxgen logger (default WARNING; the CLI uses INFO)",
     "MLXGEN_CACHE_MODE": "KV cache mode: standard (default; post-RoPE keys, mlx-lm's) or pre-rope",

@@ -141,3 +141,34 @@ def test_failed_build_falls_back_or_raises_when_required(monkeypatch, tmp_path):
             cpu_ext.kernels()
     finally:
         cpu_ext._load.cache_clear()
+
+
+def test_nan_propagates_like_mlx(ext):
+    got = np.array(ext.softmax_numerators(mx.array([[0.0, mx.nan, -1.0]]), 1, -1))
+    assert np.isnan(got[0, 1]) and got[0, 0] == 1.0
+    assert np.isnan(np.array(ext.silu_mul(mx.array([mx.nan] * 9), mx.ones((9,))))).all()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
+def test_models_run_through_every_kernel(ext, arch, monkeypatch):
+    # Each kernel must be reached from the model (a dropped call would only cost speed, which no
+    # output comparison sees), and the logits must equal the MLX-op path's.
+    from reuse_helpers import tiny_model, token_ids
+
+    from mlxgen.prefill import prefill
+
+    model, ids = tiny_model(arch), token_ids(40)
+    monkeypatch.setenv("MLXGEN_CPU_KERNELS", "off")
+    want = prefill(model, ids, model.make_cache())
+    calls = []
+
+    class Counting:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(ext, name)
+
+    monkeypatch.setenv("MLXGEN_CPU_KERNELS", "on")
+    monkeypatch.setattr(cpu_ext, "_load", lambda: (Counting(), ""))
+    got = prefill(model, ids, model.make_cache())
+    assert set(calls) == {"softmax_numerators", "silu_mul", "rms_norm", "rope", "matvec"}
+    assert mx.abs(got - want).max().item() < 1e-4

@@ -69,7 +69,7 @@ void softmax_numerators(const float* s, float* out, int64_t rows, int64_t n, int
     vf vmx = splat(mx_), lo = splat(-87.0f);
     for (j = 0; j + W <= m; j += W) {
       vf d = load(in + j) - vmx;  // below -87 (incl. -inf): 0, exp's float range ends there
-      store(o + j, d < lo ? splat(0.0f) : vexp(vmax(d, lo)));
+      store(o + j, d < lo ? splat(0.0f) : vexp(vmax(lo, d)));  // vmax(lo, NaN) keeps NaN
     }
     for (; j < m; ++j) o[j] = in[j] - mx_ < -87.0f ? 0.0f : std::exp(in[j] - mx_);
     for (; j < n; ++j) o[j] = 0.0f;
@@ -84,7 +84,7 @@ void silu_mul(const float* g, const float* u, float* out, int64_t size) {
   for (; i + W <= size; i += W) {
     vf x = load(g + i);
     vf neg_abs = x > 0 ? -x : x;
-    vf e = vexp(vmax(neg_abs, lo));
+    vf e = vexp(vmax(lo, neg_abs));  // NaN stays NaN, as in MLX
     vf sig = (x > 0 ? one : e) / (one + e);
     store(out + i, x * sig * load(u + i));
   }

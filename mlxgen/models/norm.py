@@ -6,13 +6,12 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import backend
-from ..cpu_ext import kernels
+from ..cpu_ext import on_cpu
 
 
 class RMSNorm(nn.RMSNorm):
     def __call__(self, x: mx.array) -> mx.array:
-        ext = kernels() if backend.fast_cpu_ops() else None
+        ext = on_cpu()
         if ext is not None and x.dtype == self.weight.dtype == mx.float32:
             return ext.rms_norm(x, self.weight, self.eps)
         return super().__call__(x)

@@ -10,8 +10,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import backend
-from ..cpu_ext import kernels
+from ..cpu_ext import on_cpu
 from ..errors import UnsupportedModelError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -60,7 +59,7 @@ class RoPE(nn.Module):
         return self._inv_freqs
 
     def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
-        ext = kernels() if backend.fast_cpu_ops() else None
+        ext = on_cpu()
         if ext is not None and isinstance(offset, int) and x.ndim == 4 and x.dtype == mx.float32:
             # One pass, reading the transposed projection in place (mlxgen/cpu_ext.py).
             return ext.rope(x, self.dims, self.traditional, self.inverse_frequencies(), self.scale, offset)
