@@ -15,6 +15,7 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 
+from mlxgen.cache import make_cache
 from mlxgen.errors import ModelLoadError, UnsupportedModelError
 from mlxgen.loading import build_model
 from mlxgen.models import SUPPORTED_MODEL_TYPES, ModelArgs, model_from_config
@@ -182,6 +183,38 @@ def test_chunked_prefill_matches_unchunked(pairs, record_diff, name, chunk):
         assert got.offset == want.offset == LENGTH
         for a, b in zip(got.state, want.state):
             assert mx.abs(a[..., :LENGTH, :] - b[..., :LENGTH, :]).max().item() <= TOL
+
+
+@pytest.mark.parametrize("mode", ["none", "standard", "pre-rope"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_last_only_runs_the_last_layer_for_one_row(pairs, name, mode, monkeypatch):
+    """last_only gives the full forward's last logits and the same cache, while the last layer's
+    MLP sees one row (the cheap path really runs) and every other layer sees all of them."""
+    ours, _ = pairs(name, "v5")
+    x = tokens(40, seed=9)
+    rows = []
+    for cls in {type(layer.mlp) for layer in ours.layers}:  # dense and MoE feed-forwards
+        def counted(self, h, call=cls.__call__):
+            rows.append(h.shape[1])
+            return call(self, h)
+
+        monkeypatch.setattr(cls, "__call__", counted)
+    caches = [None, None] if mode == "none" else [make_cache(len(ours.layers), mode) for _ in "ab"]
+    for cache in caches:  # a cache that already holds tokens: queries sit at an offset
+        if cache is not None:
+            ours(x[:, :15], cache)
+    rows.clear()
+    want = ours(x[:, 15:], caches[0])[:, -1:]
+    got = ours(x[:, 15:], caches[1], last_only=True)
+    n = len(ours.layers)
+    assert rows == [25] * n + [25] * (n - 1) + [1]
+    assert got.shape == want.shape == (1, 1, VOCAB)
+    assert mx.abs(got - want).max().item() <= TOL
+    if mode != "none":
+        for a, b in zip(caches[0], caches[1]):
+            assert a.offset == b.offset == 40
+            for s, t in zip(a.state, b.state):
+                assert mx.array_equal(s[..., :40, :], t[..., :40, :])
 
 
 def test_prefill_rejects_bad_input(pairs):

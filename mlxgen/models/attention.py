@@ -45,7 +45,9 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(hd, eps=args.rms_norm_eps)
         self.rope = make_rope(args)
 
-    def __call__(self, x: mx.array, cache=None) -> mx.array:
+    def __call__(self, x: mx.array, cache=None, last_only: bool = False) -> mx.array:
+        """Attention output for every position, or with last_only for the last one (the keys
+        and values of every position still go to the cache)."""
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
@@ -63,5 +65,9 @@ class Attention(nn.Module):
             else:
                 q, k, v = cache.rotate_and_update(q, k, v, self.rope)
                 mask = cache.attention_mask(L)
+            if last_only:  # the last query sees every key that a given mask's last row allows
+                q, mask = q[:, :, -1:], (mask[..., -1:, :] if isinstance(mask, mx.array) else None)
             out = sdpa()(q, k, v, scale=self.scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        elif last_only:
+            out = out[:, :, -1:]
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, out.shape[2], -1))

@@ -46,8 +46,11 @@ class TransformerBlock(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, cache=None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), cache)
+    def __call__(self, x: mx.array, cache=None, last_only: bool = False) -> mx.array:
+        """Hidden states for every position, or with last_only for the last one: the model's
+        final layer needs nothing else (its K/V still covers every position)."""
+        attn = self.self_attn(self.input_layernorm(x), cache, last_only)
+        h = (x[:, -1:] if last_only else x) + attn
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -60,10 +63,13 @@ class DecoderStack(nn.Module):
         ]
         self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+    def __call__(
+        self, inputs: mx.array, cache: list | None = None, last_only: bool = False
+    ) -> mx.array:
         h = self.embed_tokens(inputs)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            h = layer(h, cache[i] if cache is not None else None)
+            h = layer(h, cache[i] if cache is not None else None, last_only and i == last)
         return h
 
 
@@ -83,11 +89,9 @@ class Model(nn.Module):
     def __call__(
         self, inputs: mx.array, cache: list | None = None, last_only: bool = False
     ) -> mx.array:
-        """Logits for every position, or only the last one (prefill needs nothing else)."""
-        h = self.model(inputs, cache)
-        if last_only:
-            h = h[:, -1:, :]
-        return self.logits(h)
+        """Logits for every position, or only the last one (prefill needs nothing else): then the
+        last layer's queries, o_proj and MLP run for that one row (as llama.cpp does)."""
+        return self.logits(self.model(inputs, cache, last_only))
 
     def logits(self, hidden: mx.array) -> mx.array:
         h = self.model.norm(hidden)
