@@ -4,7 +4,12 @@ MLX's Linux CPU wheel links a reference BLAS (~5 GFLOP/s matmul). If libopenblas
 the global scope when libmlx loads, the dynamic linker binds MLX's BLAS calls to it (~30x faster).
 `mlxgen_blas.pth` installs `install_hook()` at interpreter start-up, so this works whatever the
 import order; it costs nothing until something imports `mlx`. Opt out with MLXGEN_BLAS=off, or
-point MLXGEN_BLAS at a specific library file. Kept stdlib-only: it runs in every interpreter."""
+point MLXGEN_BLAS at a specific library file. Kept stdlib-only: it runs in every interpreter.
+
+OpenBLAS picks its kernels per CPU when it loads; releases older than the CPU (Debian 12 ships
+0.3.21) run AMD Zen 4/5 on their AVX2 (Haswell) kernels. On an AMD CPU with AVX-512, unless
+OPENBLAS_CORETYPE is already set, it is set to SKYLAKEX for the load (the AVX-512 kernels newer
+OpenBLAS picks there itself): float32 matmul 1.6-1.9x faster on a Zen 5 VM (bench/NOTES.md)."""
 
 from __future__ import annotations
 
@@ -21,8 +26,36 @@ CANDIDATES = (
     "/usr/lib/libopenblas.so.0",
 )
 
-# What happened, for mlxgen.backend to report: path loaded, or the reason nothing was.
-status: dict = {"loaded": None, "reason": "hook not run", "before_mlx": False}
+# What happened, for mlxgen.backend to report: path loaded, or the reason nothing was; and the
+# kernels OpenBLAS chose ("core"), with the OPENBLAS_CORETYPE mlxgen set, if any.
+status: dict = {"loaded": None, "reason": "hook not run", "before_mlx": False, "core": None,
+                "coretype_set": None}
+
+# What OpenBLAS's SkylakeX kernels need (AVX-512 Foundation, CD, BW, DQ, VL).
+AVX512 = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
+
+
+def coretype_for(cpuinfo: str, environ=os.environ) -> str | None:
+    """The OPENBLAS_CORETYPE to load OpenBLAS with, from /proc/cpuinfo's text: SKYLAKEX on an
+    AMD CPU with AVX-512, None otherwise or when the user set OPENBLAS_CORETYPE."""
+    if environ.get("OPENBLAS_CORETYPE"):
+        return None
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+        if "vendor_id" in fields and "flags" in fields:  # the first CPU's entries suffice
+            break
+    amd = fields.get("vendor_id") == "AuthenticAMD"
+    return "SKYLAKEX" if amd and AVX512 <= set(fields.get("flags", "").split()) else None
+
+
+def _cpuinfo() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read(1 << 16)
+    except OSError:
+        return ""
 
 
 def find_blas() -> str | None:
@@ -42,11 +75,22 @@ def load_blas() -> str | None:
     if path is None:
         status["reason"] = "disabled by MLXGEN_BLAS" if os.environ.get("MLXGEN_BLAS") else "not found"
         return None
+    coretype = coretype_for(_cpuinfo())
+    if coretype:  # read by OpenBLAS while it loads; not left behind for child processes
+        os.environ["OPENBLAS_CORETYPE"] = coretype
     try:
-        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError as e:
         status["reason"] = f"failed to load {path}: {e}"
         return None
+    finally:
+        if coretype:
+            del os.environ["OPENBLAS_CORETYPE"]
+    status["coretype_set"] = coretype
+    corename = getattr(lib, "openblas_get_corename", None)  # absent from other BLAS libraries
+    if corename is not None:
+        corename.restype = ctypes.c_char_p
+        status["core"] = (corename() or b"").decode() or None
     status["loaded"] = path
     status["before_mlx"] = "mlx.core" not in sys.modules
     status["reason"] = ""

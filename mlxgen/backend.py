@@ -46,7 +46,8 @@ def blas_in_use() -> str:
     """The BLAS MLX's CPU matmuls bind to, from what this process has mapped."""
     status = _mlxgen_blas.status
     if status["loaded"] and status["before_mlx"]:
-        return f"OpenBLAS ({status['loaded']})"
+        core = f", {status['core']} kernels" if status.get("core") else ""
+        return f"OpenBLAS ({status['loaded']}{core})"
     if status["loaded"]:
         return "reference BLAS (OpenBLAS was loaded after mlx.core; it has no effect)"
     return f"reference BLAS (OpenBLAS {status['reason']})"

@@ -131,3 +131,46 @@ def test_readme_documents_every_env_var():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     missing = [name for name in settings.ENV_VARS if f"`{name}`" not in readme]
     assert not missing, f"README's environment table lacks {missing}"
+
+
+CPUINFO = "processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: 26\nflags\t\t: fpu sse2 avx2 fma {flags}\n\nprocessor\t: 1\n"
+ZEN5 = CPUINFO.format(vendor="AuthenticAMD", flags="avx512f avx512cd avx512bw avx512dq avx512vl")
+
+
+@pytest.mark.parametrize(
+    "cpuinfo, environ, want",
+    [
+        (ZEN5, {}, "SKYLAKEX"),  # AMD with AVX-512: OpenBLAS 0.3.21 would pick AVX2 kernels
+        (ZEN5, {"OPENBLAS_CORETYPE": "Haswell"}, None),  # the user's choice stands
+        (CPUINFO.format(vendor="AuthenticAMD", flags="avx512f avx512cd"), {}, None),  # partial AVX-512
+        (CPUINFO.format(vendor="AuthenticAMD", flags=""), {}, None),  # Zen 3: AVX2 only
+        (CPUINFO.format(vendor="GenuineIntel", flags="avx512f avx512cd avx512bw avx512dq avx512vl"),
+         {}, None),  # OpenBLAS recognises Intel's AVX-512 CPUs itself
+        ("", {}, None),  # no /proc/cpuinfo
+    ],
+)
+def test_openblas_coretype_choice(cpuinfo, environ, want):
+    import _mlxgen_blas
+
+    assert _mlxgen_blas.coretype_for(cpuinfo, environ) == want
+
+
+@needs_openblas
+def test_openblas_kernels_follow_the_coretype_and_do_not_leak():
+    import _mlxgen_blas
+
+    pinned = run_probe("import mlx.core", OPENBLAS_CORETYPE="Haswell")
+    assert pinned["status"]["core"] == "Haswell" and pinned["status"]["coretype_set"] is None
+    assert "Haswell kernels" in pinned["blas"]
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE.format(first="import os")
+         + "print(json.dumps(os.environ.get('OPENBLAS_CORETYPE')))"],
+        capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    auto, leaked = json.loads(lines[-2]), json.loads(lines[-1])
+    want = _mlxgen_blas.coretype_for(_mlxgen_blas._cpuinfo(), env)
+    assert auto["status"]["coretype_set"] == want and leaked is None
+    if want == "SKYLAKEX":
+        assert auto["status"]["core"] == "SkylakeX"

@@ -16,6 +16,7 @@ from mlxgen.bench.prompts import build_prompt, new_nonce, prompts_are_unique, sp
 from mlxgen.bench.stats import Sample, count_mismatch, schedule, summarize
 from mlxgen.bench.tiny import write_tiny_llama
 from mlxgen.bench.ttft import BenchConfig, run
+from mlxgen.errors import MlxgenError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +34,7 @@ def tiny(tiny_dir):
 
 
 def quick(**kw) -> BenchConfig:
-    base = dict(lengths=[48, 96], reps=2, warmup=1, measure_peak=False, progress=False)
+    base = dict(lengths=[48, 96], reps=2, warmup=1, measure_peak=False, progress=False, settle_s=0)
     return BenchConfig(**{**base, **kw})
 
 
@@ -161,6 +162,18 @@ def test_run_in_process_targets(tiny_dir):
     assert "| mlx-lm | 96 |" in text and "model load s" in text
 
 
+def test_every_run_waits_for_the_machine_to_settle(tiny_dir, monkeypatch):
+    from mlxgen.bench import ttft
+
+    pauses = []
+    monkeypatch.setattr(ttft.time, "sleep", pauses.append)
+    result = run(quick(model=str(tiny_dir), lengths=[40], settle_s=0.25))
+    assert len(result.samples) == 2 * 3 and pauses == [0.25] * 6  # warm-ups included
+    for bad in (-1.0, float("nan"), 600.0):
+        with pytest.raises(MlxgenError, match="--settle"):
+            run(quick(model=str(tiny_dir), settle_s=bad))
+
+
 def test_failing_target_is_reported_and_others_kept(tmp_path):
     # A 64-token context: mlxgen refuses 96-token prompts, mlx-lm (no such check) runs them.
     short = write_tiny_llama(tmp_path / "short", context=64)
@@ -180,7 +193,7 @@ def test_cli_writes_json_and_plot(tiny_dir, tmp_path, capsys):
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
     code = main(["bench", "ttft", "--model", str(tiny_dir), "--lengths", "40,80", "--reps", "2",
                  "--targets", "mlxgen", "--json", str(out_json), "--plot", str(out_png),
-                 "--no-progress"])
+                 "--no-progress", "--settle", "0"])
     assert code == 0
     table = capsys.readouterr().out
     assert "| mlxgen | 40 |" in table and "GFLOP/s" in table and "% of matmul peak" in table

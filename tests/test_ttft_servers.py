@@ -56,7 +56,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 def quick(model, **kw) -> BenchConfig:
     base = dict(model=str(model), targets=["mlxgen"], lengths=[48, 96], reps=2, warmup=1,
-                measure_peak=False, progress=False, timeout=30.0)
+                measure_peak=False, progress=False, timeout=30.0, settle_s=0)
     return BenchConfig(**{**base, **kw})
 
 

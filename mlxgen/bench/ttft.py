@@ -7,7 +7,10 @@ servers, under one set of fairness rules:
   the server's own count is reported beside ours, flagged when > 2% off;
 - a unique beginning for every request, so no prefix cache serves it;
 - warm-up runs excluded, model load excluded (reported separately), targets interleaved run by
-  run with a rotating order, N repetitions summarized by median and p90."""
+  run with a rotating order, N repetitions summarized by median and p90;
+- an idle pause before every run (`settle_s`): a target's worker threads keep spinning for a
+  while after it answers (the reference Ollama's OpenMP threads burn ~0.2 s of CPU), which would
+  slow whichever target runs next."""
 
 from __future__ import annotations
 
@@ -47,6 +50,9 @@ class BenchConfig:
     quantized: str | None = None
     measure_peak: bool = True
     progress: bool = True
+    # Measured: a Qwen 128-token prefill right after an Ollama request took 589 ms, 0.5 s later
+    # 509 ms, 2 s later 499 ms (bench/NOTES.md).
+    settle_s: float = 1.0
 
     def model_source(self) -> str:
         from ..loading.pypi import DEFAULT_MODEL
@@ -93,8 +99,9 @@ def run(config: BenchConfig, log=None) -> BenchResult:
     from .stats import matmul_params
 
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))  # printed above the bar
-    if not config.lengths or config.reps < 1 or config.warmup < 0:
-        raise MlxgenError("need at least one prompt length, --reps >= 1 and --warmup >= 0.")
+    if not config.lengths or config.reps < 1 or config.warmup < 0 or not 0 <= config.settle_s <= 60:
+        raise MlxgenError("need at least one prompt length, --reps >= 1, --warmup >= 0 and "
+                          "--settle between 0 and 60 seconds.")
     source = config.model_source()
     start = time.perf_counter()
     model, tokenizer = load(source, dtype=config.dtype, quantized=config.quantized)
@@ -134,6 +141,7 @@ def run(config: BenchConfig, log=None) -> BenchResult:
             prompt = build_prompt(tokenizer, length)  # a fresh nonce for every request
             sample = Sample(name, length, rep, False, prompt.tokens, prompt.nonce)
             fatal = False
+            time.sleep(config.settle_s)  # let the previous target's threads go idle
             try:
                 m = by_name[name].run(prompt, config.max_tokens)
                 sample.ok, sample.ttft_s = True, m.ttft_s
@@ -198,6 +206,9 @@ def build_parser(prog: str = "mlxgen bench ttft") -> argparse.ArgumentParser:
                    help="consecutive failures before a target is dropped")
     p.add_argument("--json", metavar="PATH", help="write every sample and the environment here")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of TTFT vs prompt length")
+    p.add_argument("--settle", type=float, default=1.0, metavar="SECONDS",
+                   help="idle pause before every run, so the previous target's spinning threads "
+                        "do not slow the next one (default: 1.0)")
     p.add_argument("--no-peak", action="store_true", help="skip the matmul peak measurement")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -212,6 +223,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         lengths=args.lengths, reps=args.reps, warmup=args.warmup, max_tokens=args.max_tokens,
         timeout=args.timeout, max_failures=args.max_failures, dtype=args.dtype,
         quantized=args.quantized, measure_peak=not args.no_peak, progress=not args.no_progress,
+        settle_s=args.settle,
     )
 
 
