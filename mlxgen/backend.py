@@ -106,11 +106,13 @@ def keep_quantized(policy: str | None = None) -> bool:
 
 def dequantize_model(model: nn.Module, dtype: mx.Dtype) -> None:
     """Replace every quantized layer with its float equivalent, in place."""
+    from .models.linear import Linear  # mlxgen's (few-row products on the CPU kernel)
+
     replacements = []
     for path, module in model.named_modules():
         if isinstance(module, nn.QuantizedLinear):
             w = _dequant(module, dtype)
-            layer = nn.Linear(w.shape[1], w.shape[0], bias="bias" in module)
+            layer = Linear(w.shape[1], w.shape[0], bias="bias" in module)
             layer.weight = w
             if "bias" in module:
                 layer.bias = module.bias.astype(dtype)

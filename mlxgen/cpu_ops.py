@@ -17,7 +17,7 @@ import os
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cpu_ext import kernels
+from .cpu_ext import kernels, on_cpu
 
 _SQUARINGS = 8
 _P_SQUARINGS = 4  # the last squarings act on p = 1 + q directly
@@ -61,17 +61,18 @@ def silu_mul(gate: mx.array, up: mx.array) -> mx.array:
 
 
 def few_rows_linear(x: mx.array, layer: nn.Module, max_rows: int = 8) -> mx.array | None:
-    """x @ weight.T for an nn.Linear (no bias) or nn.Embedding used as the LM head, when x has at
-    most `max_rows` rows: one streaming pass over the weight on all cores (MLX sends one row
-    through a packing sgemm, ~3x slower). None when the kernel does not apply."""
-    ext = kernels()
+    """x @ weight.T (+ bias) for an nn.Linear, or an nn.Embedding used as the LM head, when x has
+    at most `max_rows` rows and the CPU fast path is on: one streaming pass over the weight on all
+    cores (MLX sends a few rows through a packing sgemm, ~1.5-3x slower). None when the kernel
+    does not apply."""
+    ext = on_cpu()
     weight = getattr(layer, "weight", None)
-    plain = type(layer) in (nn.Linear, nn.Embedding) and "bias" not in layer
-    if ext is None or not plain or weight.dtype != mx.float32 or x.dtype != mx.float32:
+    if ext is None or not isinstance(layer, (nn.Linear, nn.Embedding)):  # not quantized layers
         return None
-    if x.size // x.shape[-1] > max_rows:
+    if weight.dtype != mx.float32 or x.dtype != mx.float32 or x.size // x.shape[-1] > max_rows:
         return None
-    return ext.matvec(x, weight, min(8, os.cpu_count() or 1))  # memory-bound: a few cores suffice
+    y = ext.matvec(x, weight, min(8, os.cpu_count() or 1))  # memory-bound: a few cores suffice
+    return y + layer.bias if "bias" in layer else y
 
 
 def causal_bias(q_len: int, k_len: int) -> mx.array:

@@ -79,6 +79,35 @@ def test_matvec(ext, rows, k, n, threads):
     np.testing.assert_allclose(np.array(ext.matvec(x, w, threads)), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_takes_the_matvec_kernel_for_few_rows_only(ext, bias, monkeypatch):
+    # Decode steps and the last prompt row go to the kernel; a prefill chunk stays on BLAS sgemm.
+    from mlxgen.models.linear import Linear
+
+    layer = Linear(96, 1100, bias=bias)
+    calls = []
+
+    class Counting:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(ext, name)
+
+    monkeypatch.setattr(cpu_ext, "_load", lambda: (Counting(), ""))
+    for rows, kernel in ((1, True), (8, True), (9, False)):
+        calls.clear()
+        x = mx.random.normal((1, rows, 96))
+        want = np.array(x, dtype=np.float64) @ np.array(layer.weight, dtype=np.float64).T
+        if bias:
+            want += np.array(layer.bias, dtype=np.float64)
+        got = layer(x)
+        assert ("matvec" in calls) == kernel, (rows, calls)
+        np.testing.assert_allclose(np.array(got), want, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("MLXGEN_CPU_FAST_OPS", "off")  # the switch that restores MLX's ops
+    calls.clear()
+    layer(mx.random.normal((1, 1, 96)))
+    assert calls == []
+
+
 def test_rms_norm_matches_mlx(ext):
     x = (mx.random.normal((40, 3, 100)) * 5).transpose(1, 0, 2)  # non-contiguous
     w = mx.random.normal((100,))

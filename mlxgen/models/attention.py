@@ -7,6 +7,7 @@ import mlx.nn as nn
 
 from .. import backend, cpu_ops
 from .base import ModelArgs
+from .linear import Linear
 from .norm import RMSNorm
 from .rope import RoPE
 
@@ -36,10 +37,10 @@ class Attention(nn.Module):
         self.head_dim = hd = args.head_dim
         self.scale = hd**-0.5
         dim = args.hidden_size
-        self.q_proj = nn.Linear(dim, self.n_heads * hd, bias=args.attention_bias)
-        self.k_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=args.attention_bias)
-        self.v_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=args.attention_bias)
-        self.o_proj = nn.Linear(self.n_heads * hd, dim, bias=args.o_proj_bias)
+        self.q_proj = Linear(dim, self.n_heads * hd, bias=args.attention_bias)
+        self.k_proj = Linear(dim, self.n_kv_heads * hd, bias=args.attention_bias)
+        self.v_proj = Linear(dim, self.n_kv_heads * hd, bias=args.attention_bias)
+        self.o_proj = Linear(self.n_heads * hd, dim, bias=args.o_proj_bias)
         if args.qk_norm:
             self.q_norm = RMSNorm(hd, eps=args.rms_norm_eps)
             self.k_norm = RMSNorm(hd, eps=args.rms_norm_eps)

@@ -14,6 +14,7 @@ from .. import backend, cpu_ops
 from ..cache import KVCache, make_cache
 from .attention import Attention
 from .base import ModelArgs
+from .linear import Linear
 from .norm import RMSNorm
 
 
@@ -26,9 +27,9 @@ def swiglu(gate: mx.array, up: mx.array) -> mx.array:
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
-        self.up_proj = nn.Linear(dim, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.gate_proj = Linear(dim, hidden, bias=bias)
+        self.up_proj = Linear(dim, hidden, bias=bias)
+        self.down_proj = Linear(hidden, dim, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
@@ -84,7 +85,7 @@ class Model(nn.Module):
         self.model_type = args.model_type
         self.model = DecoderStack(args, self.mlp_factory)
         if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def __call__(
         self, inputs: mx.array, cache: list | None = None, last_only: bool = False
@@ -96,7 +97,7 @@ class Model(nn.Module):
     def logits(self, hidden: mx.array) -> mx.array:
         h = self.model.norm(hidden)
         head = self.model.embed_tokens if self.args.tie_word_embeddings else self.lm_head
-        if backend.fast_cpu_ops() and (out := cpu_ops.few_rows_linear(h, head)) is not None:
+        if (out := cpu_ops.few_rows_linear(h, head)) is not None:  # the tied embedding too
             return out
         return head.as_linear(h) if self.args.tie_word_embeddings else head(h)
 

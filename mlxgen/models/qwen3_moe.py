@@ -6,6 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .base import ModelArgs
+from .linear import Linear
 from .llama import Model as LlamaModel
 from .llama import dense_mlp, swiglu
 
@@ -72,7 +73,7 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.top_k = args.num_experts_per_tok
         self.norm_topk_prob = args.norm_topk_prob
-        self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=False)
+        self.gate = Linear(args.hidden_size, args.num_experts, bias=False)
         self.experts = Experts(args.num_experts, args.hidden_size, args.moe_intermediate_size)
 
     def __call__(self, x: mx.array) -> mx.array:
