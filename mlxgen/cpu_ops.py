@@ -65,11 +65,14 @@ def few_rows_linear(x: mx.array, layer: nn.Module, max_rows: int = 8) -> mx.arra
     at most `max_rows` rows and the CPU fast path is on: one streaming pass over the weight on all
     cores (MLX sends a few rows through a packing sgemm, ~1.5-3x slower). None when the kernel
     does not apply."""
-    ext = on_cpu()
-    weight = getattr(layer, "weight", None)
-    if ext is None or not isinstance(layer, (nn.Linear, nn.Embedding)):  # not quantized layers
+    # Every projection asks, so the cheap array checks go first: a prefill chunk (many rows) or
+    # a float16 GPU model answers no without the backend and settings lookups.
+    if not isinstance(layer, (nn.Linear, nn.Embedding)):  # not quantized layers
         return None
+    weight = layer.weight
     if weight.dtype != mx.float32 or x.dtype != mx.float32 or x.size // x.shape[-1] > max_rows:
+        return None
+    if (ext := on_cpu()) is None:
         return None
     y = ext.matvec(x, weight, min(8, os.cpu_count() or 1))  # memory-bound: a few cores suffice
     return y + layer.bias if "bias" in layer else y

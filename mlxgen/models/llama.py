@@ -96,10 +96,11 @@ class Model(nn.Module):
 
     def logits(self, hidden: mx.array) -> mx.array:
         h = self.model.norm(hidden)
-        head = self.model.embed_tokens if self.args.tie_word_embeddings else self.lm_head
-        if (out := cpu_ops.few_rows_linear(h, head)) is not None:  # the tied embedding too
-            return out
-        return head.as_linear(h) if self.args.tie_word_embeddings else head(h)
+        if not self.args.tie_word_embeddings:
+            return self.lm_head(h)  # a Linear: few rows take the CPU kernel by themselves
+        embed = self.model.embed_tokens
+        out = cpu_ops.few_rows_linear(h, embed)
+        return out if out is not None else embed.as_linear(h)
 
     @property
     def layers(self) -> list[TransformerBlock]:
