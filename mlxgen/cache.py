@@ -18,13 +18,6 @@ Rope = Callable[[mx.array, "int | mx.array"], mx.array]
 Mask = Literal["causal"] | mx.array | None
 
 
-def rope_at(x: mx.array, positions: mx.array, rope: Rope) -> mx.array:
-    """Rotate each token of x (1, H, m, D) by its own position (positions: m int32 values).
-
-    mx.fast.rope takes one offset per batch row, so tokens are made the batch for one call."""
-    return rope(x.transpose(2, 1, 0, 3), positions).transpose(2, 1, 0, 3)
-
-
 class KVCache:
     """Post-RoPE cache (mlx-lm's behaviour): keys are stored already rotated.
 
@@ -42,35 +35,13 @@ class KVCache:
         self, queries: mx.array, keys: mx.array, values: mx.array, rope: Rope
     ) -> tuple[mx.array, mx.array, mx.array]:
         """Rotate q/k by the current offset, append k/v; return (queries, all keys, all values)."""
-        queries = rope(queries, self.offset)
-        keys, values = self.update_and_fetch(rope(keys, self.offset), values)
+        queries, keys = rope.pair(queries, keys, self.offset)
+        keys, values = self.update_and_fetch(keys, values)
         return queries, keys, values
-
-    def fused_attention(
-        self, queries: mx.array, keys: mx.array, values: mx.array, rope: Rope, scale: float
-    ) -> mx.array | None:
-        """Attention by a custom kernel instead of rotate_and_update + sdpa, or None (no kernel
-        for this cache: the caller goes the usual way)."""
-        return None
 
     def attention_mask(self, n_queries: int) -> Mask:
         """Mask for the queries just passed to rotate_and_update (the last cached tokens)."""
         return "causal" if n_queries > 1 else None
-
-    def splice(self, keys: mx.array, values: mx.array, rope: Rope) -> None:
-        """Append stored position-independent K/V (pre-RoPE keys) at the current offset:
-        one rotation by the offset (token i lands at offset + i)."""
-        self.update_and_fetch(rope(keys, self.offset), values)
-
-    def write_at(self, positions: mx.array, keys: mx.array, values: mx.array, rope: Rope) -> None:
-        """Overwrite already-cached tokens at `positions` with freshly computed (unrotated) K/V."""
-        self.keys[..., positions, :] = rope_at(keys, positions, rope)
-        self.values[..., positions, :] = values
-
-    def fetch(self, rope: Rope, n: int | None = None) -> tuple[mx.array, mx.array]:
-        """The first n (default: all) cached keys, rotated and ready to attend, and values."""
-        n = self.offset if n is None else n
-        return self.keys[..., :n, :], self.values[..., :n, :]
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         prev = self.offset
@@ -116,8 +87,8 @@ class KVCache:
 class PreRopeKVCache(KVCache):
     """Pre-RoPE cache: stores unrotated keys, rotates all of them when attending.
 
-    Same storage, growth and trimming as KVCache; only where the rotation happens differs. A fused
-    kernel that rotates keys in registers replaces `rotate_and_update` + sdpa for this class."""
+    Same storage, growth and trimming as KVCache; only where the rotation happens differs. On
+    Metal a decode kernel may rotate the keys in registers instead (mlxgen/backends/metal)."""
 
     pre_rope = True
 
@@ -129,38 +100,11 @@ class PreRopeKVCache(KVCache):
         # Token j's stored key is its key at position 0; rope(keys, 0) rotates it to position j.
         return queries, rope(keys, 0), values
 
-    def fused_attention(
-        self, queries: mx.array, keys: mx.array, values: mx.array, rope: Rope, scale: float
-    ) -> mx.array | None:
-        # Decode steps (1-8 queries) go to mlxgen.kernels where custom kernels can run (Metal):
-        # it rotates keys in registers, or keeps the MLX composition where that measured faster.
-        n = queries.shape[2]
-        if n > 8 or self.attention_mask(n) not in ("causal", None):
-            return None
-        from .kernels import decode_attention_prerope, get_dispatch
-
-        if not get_dispatch().enabled:
-            return None
-        self.update_and_fetch(keys, values)
-        # Whole buffers, not slices: the kernel reads the first `offset` rows without a copy.
-        return decode_attention_prerope(queries, self.keys, self.values, self.offset, rope, scale)
-
-    def splice(self, keys: mx.array, values: mx.array, rope: Rope) -> None:
-        self.update_and_fetch(keys, values)  # already in stored form: nothing to rotate
-
-    def write_at(self, positions: mx.array, keys: mx.array, values: mx.array, rope: Rope) -> None:
-        self.keys[..., positions, :] = keys
-        self.values[..., positions, :] = values
-
-    def fetch(self, rope: Rope, n: int | None = None) -> tuple[mx.array, mx.array]:
-        n = self.offset if n is None else n
-        return rope(self.keys[..., :n, :], 0), self.values[..., :n, :]
-
 
 CACHE_CLASSES = {"standard": KVCache, "pre-rope": PreRopeKVCache}
 
 
-def make_cache(num_layers: int, mode: str | None = None) -> list[KVCache]:
-    """One cache per layer; mode "standard" or "pre-rope" (default: MLXGEN_CACHE_MODE)."""
-    cls = CACHE_CLASSES[settings.cache_mode(mode)]
+def make_cache(num_layers: int, mode: str | None = None, default: str = "standard") -> list[KVCache]:
+    """One cache per layer; mode "standard" or "pre-rope" (else MLXGEN_CACHE_MODE, else default)."""
+    cls = CACHE_CLASSES[settings.cache_mode(mode, default)]
     return [cls() for _ in range(num_layers)]

@@ -95,7 +95,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
             raise SystemExit(2)
         return
     if args.what == "kernels":
-        from .kernels import main as run_kernels
+        from .backends.metal import main as run_kernels
 
         if run_kernels(args.bench_args):
             raise SystemExit(1)

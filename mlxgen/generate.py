@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -10,7 +11,7 @@ import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from . import settings
-from .cache import make_cache
+from .backends.metal.memory import wired_limit
 from .errors import ConfigError, MlxgenError, PromptTooLongError
 from .prefill import prefill
 from .tokenizer import Tokenizer
@@ -114,7 +115,21 @@ def prompt_tokens(tokenizer: Tokenizer, prompt: Prompt, vocab_size: int) -> list
     return ids
 
 
-def stream_generate(
+def stream_generate(model, tokenizer: Tokenizer, prompt: Prompt, **kw: Any) -> Iterator[GenerationResponse]:
+    """Yield one GenerationResponse per generated token. Sampling keywords: max_tokens,
+    temperature, top_p, top_k, min_p, repetition_penalty, repetition_context_size, seed, stop.
+
+    cache: a KV cache (list of per-layer caches) already holding the first `cache[0].offset`
+    prompt tokens (mlxgen.Session manages one); only the rest is prefilled, and the cache keeps
+    growing. cache_mode: "standard" or "pre-rope" for a new cache (default: the model's, chosen
+    for this device at load). prefill_chunk_size: prompt tokens per prefill chunk. recompute,
+    recompute_strategy: for segment prompts (mlxgen.reuse)."""
+    # Metal: the weights stay wired while generating (as mlx-lm); elsewhere nothing to do.
+    with wired_limit(model) if model.runtime.wired_limit else contextlib.nullcontext():
+        yield from _stream_generate(model, tokenizer, prompt, **kw)
+
+
+def _stream_generate(
     model,
     tokenizer: Tokenizer,
     prompt: Prompt,
@@ -126,13 +141,7 @@ def stream_generate(
     recompute_strategy: str | None = None,
     **sampling: Any,
 ) -> Iterator[GenerationResponse]:
-    """Yield one GenerationResponse per generated token. Sampling keywords: max_tokens,
-    temperature, top_p, top_k, min_p, repetition_penalty, repetition_context_size, seed, stop.
-
-    cache: a KV cache (list of per-layer caches) already holding the first `cache[0].offset`
-    prompt tokens (mlxgen.Session manages one); only the rest is prefilled, and the cache keeps
-    growing. cache_mode: "standard" or "pre-rope" for a new cache. recompute,
-    recompute_strategy: for segment prompts (mlxgen.reuse)."""
+    """stream_generate's body, run inside its memory context."""
     from .reuse.compose import is_segments, plan
     from .reuse.recompute import check_strategy
 
@@ -182,7 +191,7 @@ def stream_generate(
         )
         cached = composed.cached_tokens
     else:
-        cache = cache if cache is not None else make_cache(len(model.layers), cache_mode)
+        cache = cache if cache is not None else model.make_cache(cache_mode)
         logits = prefill(model, ids[cached:], cache, prefill_chunk_size)
     stats = GenerationStats(
         prompt_tokens=len(ids), prefill_tokens=len(ids) - cached, cached_tokens=cached

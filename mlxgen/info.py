@@ -8,7 +8,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import backend
+from .backends import device
+from .backends.cpu.blas import blas_in_use
 
 
 def describe(model: nn.Module, tokenizer) -> dict[str, str]:
@@ -36,9 +37,17 @@ def describe(model: nn.Module, tokenizer) -> dict[str, str]:
         "vocab": str(tokenizer.vocab_size),
         "chat template": "yes" if tokenizer.chat_template else "no",
         "eos ids": str(sorted(tokenizer.eos_token_ids)),
-        "backend": backend.backend_name(),
-        "cpu blas": backend.blas_in_use() if backend.is_cpu() else "-",
+        "device": device.backend_name(),
+        "runs on": _runs_on(model),
+        "cpu blas": blas_in_use() if device.is_cpu() else "-",
     }
+
+
+def _runs_on(model: nn.Module) -> str:
+    rt = model.runtime
+    ops = {"cpu": "mlxgen CPU ops and kernels", "metal": "MLX ops + Metal kernels where measured faster",
+           "mlx": "MLX's own ops"}.get(rt.backend, rt.backend)
+    return f"{ops}; prefill chunk {rt.prefill_chunk_size}; default cache {rt.cache_mode}"
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:

@@ -8,17 +8,16 @@ from typing import Sequence
 
 import mlx.core as mx
 
-from . import backend, settings
-
-# Auto policy. CPU: attention is blocked inside each chunk (cpu_ops), so bigger chunks only
-# trade matmul efficiency against per-chunk work; 512 measured best (bench/NOTES.md). GPU:
-# mlx-lm's 2048 until measured on a Mac.
-CPU_CHUNK, GPU_CHUNK = 512, 2048
+from . import settings
+from .backends.device import is_cpu
+from .runtime import CPU_CHUNK, GPU_CHUNK
 
 
-def chunk_size_for(override: int | None = None) -> int:
-    """The argument, else MLXGEN_PREFILL_CHUNK_SIZE, else the backend's auto policy."""
-    return settings.prefill_chunk_size(override) or (CPU_CHUNK if backend.is_cpu() else GPU_CHUNK)
+def chunk_size_for(model, override: int | None = None) -> int:
+    """The argument, else MLXGEN_PREFILL_CHUNK_SIZE, else the size chosen for the model at load
+    (mlxgen/runtime.py), else the device's default."""
+    return (settings.prefill_chunk_size(override) or model.runtime.prefill_chunk_size
+            or (CPU_CHUNK if is_cpu() else GPU_CHUNK))
 
 
 def cache_state(cache: list) -> list[mx.array]:
@@ -29,7 +28,8 @@ def prefill(
     model, tokens: Sequence[int] | mx.array, cache: list, chunk_size: int | None = None
 ) -> mx.array:
     """Run `tokens` through the model into `cache`; return the last position's logits (1, vocab)."""
-    chunk = chunk_size_for(chunk_size)
+    chunk = chunk_size_for(model, chunk_size)
+    clear = model.runtime.clear_cache_between_chunks
     tokens = mx.array(tokens) if not isinstance(tokens, mx.array) else tokens
     if tokens.ndim != 1 or tokens.size == 0:
         raise ValueError("prefill needs a non-empty 1-D sequence of token ids.")
@@ -38,5 +38,7 @@ def prefill(
         model.model(tokens[None, start : start + chunk], cache)  # hidden states are discarded
         # Evaluate asynchronously: building the next chunk's graph overlaps this evaluation.
         mx.async_eval(cache_state(cache))
+        if clear:  # a GPU's buffer cache would otherwise grow with every chunk (as mlx-lm)
+            mx.clear_cache()
         start += chunk
     return model(tokens[None, start:], cache, last_only=True)[:, -1, :]

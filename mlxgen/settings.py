@@ -13,11 +13,11 @@ ENV_VARS = {
     "MLXGEN_QUANTIZED": "keep or dequantize quantized weights: auto (default; dequantize on CPU), keep, dequantize",
     "MLXGEN_DTYPE": "float dtype for weights: auto (default; float32 on CPU, float16 on GPU), float32, float16, bfloat16",
     "MLXGEN_CACHE_DIR": "where fetched models are cached (default ~/.cache/mlxgen)",
-    "MLXGEN_CPU_FAST_OPS": "on the CPU, fast softmax/SwiGLU math (mlxgen/cpu_ops.py): on (default) or off",
-    "MLXGEN_CPU_KERNELS": "on the CPU, mlxgen's C++ softmax/SwiGLU/RMSNorm/RoPE/LM-head kernels, built once per machine (mlxgen/cpu_ext.py): auto (default; MLX ops if the build fails), on (fail instead), off",
+    "MLXGEN_CPU_FAST_OPS": "on the CPU, fast softmax/SwiGLU math (mlxgen/backends/cpu/ops.py), read at load: on (default) or off",
+    "MLXGEN_CPU_KERNELS": "on the CPU, mlxgen's C++ softmax/SwiGLU/RMSNorm/RoPE/LM-head kernels, built once per machine (mlxgen/backends/cpu/ext.py), read at load: auto (default; MLX ops if the build fails), on (fail instead), off",
     "MLXGEN_KERNELS": "custom Metal kernels: auto (default; only where measured faster), off, on",
     "MLXGEN_LOG_LEVEL": "logging level for the mlxgen logger (default WARNING; the CLI uses INFO)",
-    "MLXGEN_CACHE_MODE": "KV cache mode: standard (default; post-RoPE keys, mlx-lm's) or pre-rope",
+    "MLXGEN_CACHE_MODE": "KV cache mode: auto (default: pre-rope where the Metal decode kernel measured faster, else standard), standard (post-RoPE keys, mlx-lm's) or pre-rope",
     "MLXGEN_CACHE_REUSE": "reuse cached K/V (stored chunks, session prefixes): on (default) or off",
     "MLXGEN_RECOMPUTE": "fraction of reused chunk tokens recomputed with full attention, in [0, 1] (default 0.15)",
     "MLXGEN_CHUNK_STORE_BYTES": "in-memory chunk store limit: bytes, or with KB/MB/GB/KiB/MiB/GiB (default 1GiB)",
@@ -92,8 +92,10 @@ _BYTE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
                "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
 
 
-def cache_mode(override: str | None = None) -> str:
-    return choice("MLXGEN_CACHE_MODE", override, CACHE_MODES, "standard")
+def cache_mode(override: str | None = None, default: str = "standard") -> str:
+    """The argument, else MLXGEN_CACHE_MODE, else `default` (a model's device default)."""
+    mode = choice("MLXGEN_CACHE_MODE", override, CACHE_MODES + ("auto",), "auto")
+    return default if mode == "auto" else mode
 
 
 def cache_reuse(override: bool | None = None) -> bool:

@@ -177,7 +177,9 @@ def environment() -> dict[str, Any]:
 
     import mlx.core as mx
 
-    from .. import __version__, backend
+    from .. import __version__
+    from ..backends import device
+    from ..backends.cpu.blas import blas_in_use
 
     def version(pkg: str) -> str | None:
         try:
@@ -195,8 +197,8 @@ def environment() -> dict[str, Any]:
             "cores": os.cpu_count(), "memory_gb": memory_gb, "python": platform.python_version(),
         },
         "backend": {
-            "name": backend.backend_name(), "device": str(mx.default_device()),
-            "cpu_blas": backend.blas_in_use() if backend.is_cpu() else None,
+            "name": device.backend_name(), "device": str(mx.default_device()),
+            "cpu_blas": blas_in_use() if device.is_cpu() else None,
         },
         "versions": {
             "mlxgen": __version__, "mlx": version("mlx"), "mlx-lm": version("mlx-lm"),

@@ -80,7 +80,7 @@ class MlxgenTarget(Target):
     def info(self) -> dict[str, Any]:
         from ..prefill import chunk_size_for
 
-        return {**super().info(), "prefill_chunk_size": chunk_size_for(self.chunk_size)}
+        return {**super().info(), "prefill_chunk_size": chunk_size_for(self.model, self.chunk_size)}
 
 
 class MlxLmTarget(Target):

@@ -15,11 +15,13 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from .. import backend
+from .. import backends
+from ..backends import device
 from ..errors import ModelLoadError
 from ..models import model_from_config
 from ..tokenizer import Tokenizer
 from . import hf, pypi
+from .quantized import dequantize_model
 
 
 @dataclass
@@ -43,7 +45,6 @@ def load(
     dtype: "auto" (float32 on CPU, float16 on GPU), "float32", "float16" or "bfloat16".
     quantized: "auto" (dequantize on the CPU, keep on a GPU), "keep" or "dequantize".
     """
-    backend.report_blas()  # once per process, after the caller had a chance to set up logging
     with tqdm(total=2, desc=f"loading {source}", unit="step", disable=not progress) as bar:
         bar.set_postfix_str("reading weights and tokenizer")
         config, weights, quantization, tokenizer, info = _read_source(str(source), progress)
@@ -132,20 +133,24 @@ def build_model(
     dtype: str | None = None,
     quantized: str | None = None,
 ) -> nn.Module:
-    """Construct the model for `config` and load `weights` (HF names) into it, checked."""
-    backend.raise_cpu_cache_limit()  # every model built here runs with MLX's CPU buffer cache raised
+    """Construct the model for `config`, load `weights` (HF names) into it, checked, and prepare
+    it for this device (mlxgen/backends: the one place where the backend is chosen)."""
     model = model_from_config(config)
     weights = model.sanitize(dict(weights))
     if quantization:
         nn.quantize(model, class_predicate=_quantized_here(weights, quantization))
     check_weights(model, weights)
     model.load_weights(list(weights.items()), strict=True)
-    float_dtype = backend.weight_dtype(dtype)
-    if not backend.keep_quantized(quantized):
-        backend.dequantize_model(model, float_dtype)
+    float_dtype = device.weight_dtype(dtype)
+    if not device.keep_quantized(quantized):
+        dequantize_model(model, float_dtype)
+    else:  # MLX's CUDA backend lacks some bit widths: those layers only
+        dequantize_model(model, float_dtype,
+                         lambda m: not device.supported_bits(m.bits, m.group_size))
     model.set_dtype(float_dtype)
     mx.eval(model.parameters())
     model.eval()
+    backends.prepare(model)
     return model
 
 

@@ -10,29 +10,27 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import backend, cpu_ops
 from ..cache import KVCache, make_cache
+from ..runtime import Runtime
 from .attention import Attention
 from .base import ModelArgs
-from .linear import Linear
-from .norm import RMSNorm
 
 
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
-    if backend.fast_cpu_ops():  # MLX's CPU sigmoid is slow: see mlxgen/cpu_ops.py
-        return cpu_ops.silu_mul(gate, up)
     return nn.silu(gate) * up
 
 
 class MLP(nn.Module):
+    activation = staticmethod(swiglu)  # a backend may install a fused one at load
+
     def __init__(self, dim: int, hidden: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = Linear(dim, hidden, bias=bias)
-        self.up_proj = Linear(dim, hidden, bias=bias)
-        self.down_proj = Linear(hidden, dim, bias=bias)
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(self.activation(self.gate_proj(x), self.up_proj(x)))
 
 
 def dense_mlp(args: ModelArgs, idx: int) -> nn.Module:
@@ -44,8 +42,8 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.self_attn = Attention(args)
         self.mlp = mlp
-        self.input_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, cache=None, last_only: bool = False) -> mx.array:
         """Hidden states for every position, or with last_only for the last one: the model's
@@ -62,7 +60,7 @@ class DecoderStack(nn.Module):
         self.layers = [
             TransformerBlock(args, mlp_factory(args, i)) for i in range(args.num_hidden_layers)
         ]
-        self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(
         self, inputs: mx.array, cache: list | None = None, last_only: bool = False
@@ -78,6 +76,7 @@ class Model(nn.Module):
     """A causal LM: token ids (B, L) -> logits (B, L, vocab)."""
 
     mlp_factory: Callable[[ModelArgs, int], nn.Module] = staticmethod(dense_mlp)
+    runtime = Runtime()  # how it runs here: set once at load by mlxgen/backends
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -85,7 +84,7 @@ class Model(nn.Module):
         self.model_type = args.model_type
         self.model = DecoderStack(args, self.mlp_factory)
         if not args.tie_word_embeddings:
-            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def __call__(
         self, inputs: mx.array, cache: list | None = None, last_only: bool = False
@@ -96,18 +95,18 @@ class Model(nn.Module):
 
     def logits(self, hidden: mx.array) -> mx.array:
         h = self.model.norm(hidden)
-        if not self.args.tie_word_embeddings:
-            return self.lm_head(h)  # a Linear: few rows take the CPU kernel by themselves
-        embed = self.model.embed_tokens
-        out = cpu_ops.few_rows_linear(h, embed)
-        return out if out is not None else embed.as_linear(h)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
 
     @property
     def layers(self) -> list[TransformerBlock]:
         return self.model.layers
 
-    def make_cache(self) -> list[KVCache]:
-        return make_cache(len(self.layers))
+    def make_cache(self, mode: str | None = None) -> list[KVCache]:
+        """A fresh cache; mode "standard" or "pre-rope" (default: MLXGEN_CACHE_MODE, else the
+        mode chosen for this device at load)."""
+        return make_cache(len(self.layers), mode, default=self.runtime.cache_mode)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Drop tensors the model derives itself (tied head, RoPE tables)."""

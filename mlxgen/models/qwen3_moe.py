@@ -6,7 +6,6 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .base import ModelArgs
-from .linear import Linear
 from .llama import Model as LlamaModel
 from .llama import dense_mlp, swiglu
 
@@ -55,6 +54,8 @@ class QuantizedExpertLinear(nn.Module):
 
 
 class Experts(nn.Module):
+    activation = staticmethod(swiglu)  # a backend may install a fused one at load
+
     def __init__(self, num_experts: int, dim: int, hidden: int):
         super().__init__()
         self.gate_proj = ExpertLinear(num_experts, dim, hidden)
@@ -64,7 +65,7 @@ class Experts(nn.Module):
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         # x: (..., D) -> (..., 1, 1, D) so each of the k chosen experts sees a 1-row matrix.
         x = mx.expand_dims(x, (-2, -3))
-        h = swiglu(self.gate_proj(x, indices), self.up_proj(x, indices))
+        h = self.activation(self.gate_proj(x, indices), self.up_proj(x, indices))
         return self.down_proj(h, indices).squeeze(-2)  # (..., k, D)
 
 
@@ -73,7 +74,7 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.top_k = args.num_experts_per_tok
         self.norm_topk_prob = args.norm_topk_prob
-        self.gate = Linear(args.hidden_size, args.num_experts, bias=False)
+        self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=False)
         self.experts = Experts(args.num_experts, args.hidden_size, args.moe_intermediate_size)
 
     def __call__(self, x: mx.array) -> mx.array:

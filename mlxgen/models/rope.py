@@ -10,7 +10,6 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..cpu_ext import on_cpu
 from ..errors import UnsupportedModelError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -59,10 +58,6 @@ class RoPE(nn.Module):
         return self._inv_freqs
 
     def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
-        ext = on_cpu()
-        if ext is not None and isinstance(offset, int) and x.ndim == 4 and x.dtype == mx.float32:
-            # One pass, reading the transposed projection in place (mlxgen/cpu_ext.py).
-            return ext.rope(x, self.dims, self.traditional, self.inverse_frequencies(), self.scale, offset)
         return mx.fast.rope(
             x,
             self.dims,
@@ -72,6 +67,10 @@ class RoPE(nn.Module):
             offset=offset,
             freqs=self._periods,
         )
+
+    def pair(self, q: mx.array, k: mx.array, offset: int | mx.array = 0) -> tuple[mx.array, mx.array]:
+        """q and k rotated at the same positions (a backend may fuse the two into one kernel)."""
+        return self(q, offset), self(k, offset)
 
 
 def _base_periods(dims: int, base: float) -> mx.array:

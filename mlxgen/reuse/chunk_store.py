@@ -19,7 +19,6 @@ from typing import Sequence
 import mlx.core as mx
 
 from .. import settings
-from ..cache import make_cache
 from ..errors import ChunkStoreError, CorruptChunkError, MlxgenError
 from ..prefill import cache_state, chunk_size_for
 from . import persist
@@ -58,8 +57,8 @@ def chunk_key(fingerprint: str, token_ids: Sequence[int]) -> str:
 
 def encode_chunk(model, token_ids: Sequence[int], chunk_size: int | None = None) -> ChunkKV:
     """Run the tokens alone from position 0 and keep every layer's unrotated K/V."""
-    step = chunk_size_for(chunk_size)
-    cache = make_cache(len(model.layers), "pre-rope")
+    step = chunk_size_for(model, chunk_size)
+    cache = model.make_cache("pre-rope")
     tokens = mx.array(list(token_ids))
     for start in range(0, tokens.size, step):
         model.model(tokens[None, start : start + step], cache)  # hidden states are not needed
@@ -87,7 +86,7 @@ class ChunkStore:
     ):
         self.model, self.tokenizer = model, tokenizer
         self.max_bytes = settings.chunk_store_bytes(max_bytes)
-        self.prefill_chunk_size = chunk_size_for(prefill_chunk_size)
+        self.prefill_chunk_size = chunk_size_for(model, prefill_chunk_size)
         self.fingerprint = model_fingerprint(model)
         self.path = Path(path).expanduser() if path is not None else None
         if self.path is not None:

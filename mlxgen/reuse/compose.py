@@ -19,11 +19,12 @@ from typing import Any
 import mlx.core as mx
 
 from .. import settings
-from ..cache import KVCache, make_cache
+from ..cache import KVCache
 from ..errors import ChunkStoreError, MlxgenError
 from ..prefill import chunk_size_for, prefill
 from .chunk_store import Chunk
 from .fingerprint import model_fingerprint
+from .placement import splice
 from .recompute import check_strategy, recompute_placed
 
 
@@ -57,8 +58,8 @@ class Composition:
         """Build the cache for the whole prompt; return it and the last position's logits."""
         fraction = settings.recompute_fraction(recompute)
         strategy = check_strategy(recompute_strategy)
-        block = chunk_size_for(prefill_chunk_size)
-        cache = make_cache(len(model.layers), cache_mode)
+        block = chunk_size_for(model, prefill_chunk_size)
+        cache = model.make_cache(cache_mode)
         kinds = [s.chunk is not None for s in self.segments]
         if not settings.cache_reuse(cache_reuse) or not any(kinds):
             return cache, prefill(model, self.ids, cache, block)
@@ -121,7 +122,7 @@ def plan(model, tokenizer, segments: list | tuple) -> Composition:
 def _splice(model, cache: list[KVCache], chunk: Chunk, n: int) -> None:
     kv = chunk.store.get(chunk)
     for i, (layer, c) in enumerate(zip(model.layers, cache)):
-        c.splice(kv.keys[i, None, :, :n], kv.values[i, None, :, :n], layer.self_attn.rope)
+        splice(c, kv.keys[i, None, :, :n], kv.values[i, None, :, :n], layer.self_attn.rope)
 
 
 def _place_zeros(model, cache: list[KVCache], n: int) -> None:

@@ -19,9 +19,10 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
-from ..cache import KVCache, rope_at
+from ..cache import KVCache
 from ..errors import ConfigError
 from ..prefill import cache_state
+from .placement import fetch, rope_at, write_at
 
 STRATEGIES = ("deviation", "first", "mixed")
 DEFAULT_STRATEGY = "mixed"
@@ -33,19 +34,18 @@ class ScatterView:
     """One layer's cache as seen by queries at scattered, already-cached positions: their new
     K/V overwrite the cached ones, and each query attends to every cached token at or before it."""
 
+    pre_rope = False  # what the attention layer sees: keys come back rotated, never a decode step
+
     def __init__(self, cache: KVCache, positions: mx.array, mask: mx.array, n_keys: int):
         self.cache, self.positions, self.mask, self.n_keys = cache, positions, mask, n_keys
 
     def rotate_and_update(self, queries, keys, values, rope):
-        self.cache.write_at(self.positions, keys, values, rope)
-        keys, values = self.cache.fetch(rope, self.n_keys)
+        write_at(self.cache, self.positions, keys, values, rope)
+        keys, values = fetch(self.cache, rope, self.n_keys)
         return rope_at(queries, self.positions, rope), keys, values
 
     def attention_mask(self, n_queries: int) -> mx.array:
         return self.mask
-
-    def fused_attention(self, queries, keys, values, rope, scale) -> None:
-        return None  # scattered queries with their own mask: no kernel covers them
 
 
 def forward_at(

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any, Iterator, Sequence
 
 from .. import settings
-from ..cache import make_cache
 from ..errors import MlxgenError
 from ..generate import GenerationResponse, GenerationStats, Prompt, prompt_tokens, stream_generate
 from .compose import is_segments
@@ -31,7 +30,7 @@ class Session:
     def __init__(self, model, tokenizer, *, cache_mode: str | None = None,
                  cache_reuse: bool | None = None):
         self.model, self.tokenizer = model, tokenizer
-        self.cache = make_cache(len(model.layers), cache_mode)
+        self.cache = model.make_cache(cache_mode)
         self.reuse = settings.cache_reuse(cache_reuse)
         self.tokens: list[int] = []  # exactly the tokens whose K/V are in self.cache, in order
         self.stats: GenerationStats | None = None

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .. import settings
-from ..errors import ConfigError
+from ... import settings
+from ...errors import ConfigError
 
 MODES = ("auto", "off", "on")
 ENV = "MLXGEN_KERNELS"

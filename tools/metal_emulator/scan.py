@@ -56,7 +56,7 @@ def refuse_unmodeled(text: str, what: str) -> None:
             line = code.count("\n", 0, m.start()) + 1
             raise UnsupportedConstruct(
                 f"{what} line {line} uses `{m.group(0).strip()}`: {why} are not modeled by the "
-                "emulation shim (kernels/emu/), so this kernel cannot be verified on the CPU.")
+                "emulation shim (tools/metal_emulator/shim/), so this kernel cannot be verified on the CPU.")
 
 
 def rewrite(text: str) -> str:
@@ -92,5 +92,5 @@ def explain_compile_error(stderr: str) -> str | None:
         m = re.search(pattern, stderr)
         if m:
             return ("kernel uses " + what.format(*m.groups()) + ", which the emulation shim "
-                    "(kernels/emu/) does not model (or the kernel does not declare).")
+                    "(tools/metal_emulator/shim/) does not model (or the kernel does not declare).")
     return None

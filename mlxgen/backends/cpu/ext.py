@@ -7,9 +7,9 @@ each and the LM head's few-row matmul as a streaming dot product on all cores, b
 CPU (3-8x faster per op, bench/NOTES.md). The build needs cmake, a C++ compiler, Python headers
 and nanobind (dependencies on Linux); it is cached under `<MLXGEN_CACHE_DIR>/cpu-kernels/<hash>`
 keyed by the sources, MLX, nanobind, Python and the CPU's feature flags.
-When anything is missing the build fails once, is logged, and cpu_ops.py keeps its MLX-op forms.
+When anything is missing the build fails once, is logged, and ops.py keeps its MLX-op forms.
 
-    python -c "import mlxgen.cpu_ext as e; e.main()"   # build now (make setup does) and say where
+    python -m mlxgen.backends.cpu.ext   # build now (make setup does) and say where
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from functools import cache
 from pathlib import Path
 from types import ModuleType
 
-from . import settings
-from .kernels.sources import read_source
+from ... import settings
+from ..sources import read_source
 
 log = logging.getLogger("mlxgen")
 
@@ -162,11 +162,12 @@ def kernels() -> ModuleType | None:
     return module
 
 
-def on_cpu() -> ModuleType | None:
-    """kernels() where the CPU fast path is on (backend.fast_cpu_ops()), else None."""
-    from . import backend
-
-    return kernels() if backend.fast_cpu_ops() else None
+def loaded() -> ModuleType:
+    """The extension, for the CPU layers, which are only installed once kernels() found it."""
+    module, error = _load()
+    if module is None:
+        raise CpuKernelBuildError(f"the CPU kernels are not loaded: {error}")
+    return module
 
 
 def main() -> None:
@@ -175,5 +176,5 @@ def main() -> None:
           f"mlxgen CPU kernels: not built ({error}); prefill uses MLX ops.")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m mlxgen.backends.cpu.ext
     main()

@@ -6,18 +6,15 @@ matmuls together (bench/NOTES.md). Here exp(x <= 0) is computed from arithmetic 
 a degree-7 Taylor polynomial of x / 2^8, squared 8 times, fused by mx.compile: ~5x faster than
 mx.exp, absolute error <= ~8e-7 over [-87, 0] with no systematic bias (what a softmax whose
 largest term is exactly 1, and a sigmoid, need). Logits stay within 1e-4 of the reference path.
-Where mlxgen's C++ kernels are built (mlxgen/cpu_ext.py) the exp work goes to them instead
-(one vectorised pass, 5-8x faster again); these MLX-op forms are the fallback.
-Only used behind `backend.fast_cpu_ops()`; the GPU path keeps mx.fast.*."""
+Where mlxgen's C++ kernels are built (ext.py) the exp work goes to them instead (one vectorised
+pass, 5-8x faster again): pass the loaded extension as `ext`; these MLX-op forms are the fallback.
+Installed on CPU models by mlxgen/backends/cpu/__init__.py; the GPU path keeps mx.fast.*."""
 
 from __future__ import annotations
 
-import os
+from types import ModuleType
 
 import mlx.core as mx
-import mlx.nn as nn
-
-from .cpu_ext import kernels, on_cpu
 
 _SQUARINGS = 8
 _P_SQUARINGS = 4  # the last squarings act on p = 1 + q directly
@@ -52,30 +49,11 @@ def _silu_mul(gate: mx.array, up: mx.array) -> mx.array:
     return gate * (0.5 + 0.5 * mx.sign(gate) * (1.0 - e) / (1.0 + e)) * up
 
 
-def silu_mul(gate: mx.array, up: mx.array) -> mx.array:
+def silu_mul(gate: mx.array, up: mx.array, ext: ModuleType | None = None) -> mx.array:
     """silu(gate) * up, the SwiGLU activation."""
-    ext = kernels()
     if ext is not None and gate.dtype == up.dtype == mx.float32 and gate.shape == up.shape:
         return ext.silu_mul(gate, up)
     return _silu_mul(gate, up)
-
-
-def few_rows_linear(x: mx.array, layer: nn.Module, max_rows: int = 8) -> mx.array | None:
-    """x @ weight.T (+ bias) for an nn.Linear, or an nn.Embedding used as the LM head, when x has
-    at most `max_rows` rows and the CPU fast path is on: one streaming pass over the weight on all
-    cores (MLX sends a few rows through a packing sgemm, ~1.5-3x slower). None when the kernel
-    does not apply."""
-    # Every projection asks, so the cheap array checks go first: a prefill chunk (many rows) or
-    # a float16 GPU model answers no without the backend and settings lookups.
-    if not isinstance(layer, (nn.Linear, nn.Embedding)):  # not quantized layers
-        return None
-    weight = layer.weight
-    if weight.dtype != mx.float32 or x.dtype != mx.float32 or x.size // x.shape[-1] > max_rows:
-        return None
-    if (ext := on_cpu()) is None:
-        return None
-    y = ext.matvec(x, weight, min(8, os.cpu_count() or 1))  # memory-bound: a few cores suffice
-    return y + layer.bias if "bias" in layer else y
 
 
 def causal_bias(q_len: int, k_len: int) -> mx.array:
@@ -85,7 +63,8 @@ def causal_bias(q_len: int, k_len: int) -> mx.array:
 
 
 def scaled_dot_product_attention(
-    q: mx.array, k: mx.array, v: mx.array, scale: float, mask: str | mx.array | None = None
+    q: mx.array, k: mx.array, v: mx.array, scale: float, mask: str | mx.array | None = None,
+    ext: ModuleType | None = None,
 ) -> mx.array:
     """Attention as two BLAS matmuls around the fast exp; GQA without repeating K/V.
 
@@ -100,14 +79,14 @@ def scaled_dot_product_attention(
     # which saves a reduction pass over the scores (measured 6-10%, bench/NOTES.md).
     v = mx.concatenate([v, mx.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)
     if mask != "causal" or L <= rows:
-        return _attend(q, k, v, scale, mask)
+        return _attend(q, k, v, scale, mask, ext)
     # Causal chunks go in blocks of query rows: each block's scores stay cache-resident (~2 MB)
     # and it skips the keys after its last row (measured 1.8x at 512 x 2048, bench/NOTES.md).
     blocks = []
     for start in range(0, L, rows):
         end = min(L, start + rows)
         visible = N - L + end
-        blocks.append(_attend(q[:, :, start:end], k[:, :, :visible], v[:, :, :visible], scale, mask))
+        blocks.append(_attend(q[:, :, start:end], k[:, :, :visible], v[:, :, :visible], scale, mask, ext))
     return mx.concatenate(blocks, axis=2)
 
 
@@ -116,23 +95,22 @@ def _block_rows(heads: int, keys: int, target_bytes: int = 1 << 21) -> int:
     return 1 << (rows.bit_length() - 1)  # a power of two
 
 
-def _attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.array:
+def _attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask, ext) -> mx.array:
     # v: (B, KV, N, D + 1), values with a ones column appended.
     B, H, L, D = q.shape
     KV, N = k.shape[1], k.shape[2]
     rep = H // KV
     # Group the query heads that share a KV head into one matrix: (B, KV, rep * L, D).
     scores = ((q * scale).reshape(B, KV, rep * L, D) @ k.swapaxes(-1, -2)).reshape(B, KV, rep, L, N)
-    weights = _softmax_numerators(scores, mask, B, KV, rep, L, N)
+    weights = _softmax_numerators(scores, mask, ext, B, KV, rep, L, N)
     # Normalise after the value matmul: dividing (L, D) rows is cheaper than (L, N) weights;
     # v's last column is ones, so out's last column is the denominator.
     out = weights.reshape(B, KV, rep * L, N) @ v
     return (out[..., :-1] / out[..., -1:]).reshape(B, H, L, -1)
 
 
-def _softmax_numerators(scores: mx.array, mask, B: int, KV: int, rep: int, L: int, N: int) -> mx.array:
+def _softmax_numerators(scores: mx.array, mask, ext, B: int, KV: int, rep: int, L: int, N: int) -> mx.array:
     # exp(scores - row max) with masked keys at 0; the row sums come later from the ones column.
-    ext = kernels()
     if ext is not None and scores.dtype == mx.float32 and not isinstance(mask, mx.array):
         # One pass per row; causal visibility is computed in the kernel, no bias array.
         return ext.softmax_numerators(scores, L, N - L if mask == "causal" else -1)

@@ -12,7 +12,7 @@ from typing import Callable
 import mlx.core as mx
 
 from .reference import RopeParams
-from .sources import read_source
+from ..sources import read_source
 
 Factory = Callable[..., Callable]
 

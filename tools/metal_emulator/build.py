@@ -12,13 +12,13 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
-from .. import settings
-from ..kernels.sources import read_source
+from mlxgen import settings
 from . import KernelCompileError, UnsupportedConstruct
 from .scan import explain_compile_error, rewrite
 from .signature import GRID_ONLY_ATTRIBUTES, Signature, cpp_params, template_prefix, template_value
 
-SHIM_FILES = ("emu/emu_types.hpp", "emu/emu_runtime.hpp", "emu/metal_shim.hpp")
+SHIM_DIR = Path(__file__).resolve().parent / "shim"
+SHIM_FILES = ("emu_types.hpp", "emu_runtime.hpp", "metal_shim.hpp")
 CXX_FLAGS = ("-std=c++20", "-O1", "-fPIC", "-shared", "-fvisibility=hidden", "-w",
              "-fno-strict-aliasing", "-fno-fast-math")
 
@@ -42,7 +42,7 @@ def shim_text() -> str:
     # shim files resolve to the text already pasted above them.
     parts = []
     for name in SHIM_FILES:
-        text = read_source(name)
+        text = (SHIM_DIR / name).read_text(encoding="utf-8")
         parts.append("\n".join(l for l in text.splitlines() if not l.startswith('#include "')))
     return "\n".join(parts)
 

@@ -1,10 +1,10 @@
 """CPU emulation of our Metal kernels: each kernel body is compiled with g++ against a small shim
-of the MSL features it uses (kernels/emu/) and run over its launch grid, so CI verifies the very
+of the MSL features it uses (shim/ beside this file) and run over its launch grid, so CI verifies the very
 kernel sources a Mac runs. `metal_kernel` mirrors `mx.fast.metal_kernel`."""
 
 from __future__ import annotations
 
-from ..errors import MlxgenError
+from mlxgen.errors import MlxgenError
 
 
 class EmulationError(MlxgenError):

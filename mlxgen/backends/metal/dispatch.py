@@ -13,7 +13,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from .. import settings
+from ... import settings
 from .launch import Factory
 from .mode import ENV, require_available, resolve_mode, unavailable_reason
 
@@ -97,8 +97,11 @@ class KernelDispatch:
     def enabled(self) -> bool:
         return self.mode != "off" and self.reason is None
 
-    def choose(self, op: str, shape_key: str, kernel: Thunk, composition: Thunk) -> bool:
-        """True to use the kernel. The thunks run the op on synthetic inputs of this shape."""
+    def choose(self, op: str, shape_key: str, kernel: Thunk, composition: Thunk,
+               measure: bool = True) -> bool:
+        """True to use the kernel. The thunks run the op on the same synthetic inputs of this
+        shape, made before either is timed. With measure=False (a decode step) an undecided
+        shape takes the composition: nothing is ever timed in the middle of generation."""
         if not self.enabled:
             return False
         if self.mode == "on":
@@ -106,6 +109,8 @@ class KernelDispatch:
         decisions = self._load()
         key = f"{op}|{shape_key}"
         if key not in decisions:
+            if not measure:
+                return False
             decisions[key] = self.bench(kernel, composition)
             log.info("mlxgen kernels: %s on %s -> %s (%s)", key, self.device,
                      "kernel" if decisions[key]["use_kernel"] else "composition", decisions[key])

@@ -1,0 +1,37 @@
+"""The seam between plain-MLX models and this machine, crossed once per model, at load.
+
+Models (mlxgen/models) are plain MLX and never ask where they run. `prepare(model)` picks this
+device's implementations of attention, SwiGLU, norms, RoPE and few-row products by swapping in
+a backend's layer subclasses and ops, and records the choice (mlxgen/runtime.py) on the model:
+
+- metal/  what runs on a Mac: MLX's fused ops, our Metal kernels where measured faster, wired memory;
+- cpu/    Linux CPUs: OpenBLAS, fast-math attention/SwiGLU, C++ kernels;
+- "cuda" and "mlx": MLX's own ops only (no kernels of ours)."""
+
+from __future__ import annotations
+
+from ..runtime import GPU_CHUNK, Runtime
+from . import cpu, device, metal
+from .swap import reset
+
+BACKENDS = ("cpu", "metal", "cuda", "mlx")
+
+
+def prepare(model, backend: str | None = None) -> Runtime:
+    """Install `backend`'s implementations in `model` (default: this device's); returns and
+    records how the model runs. Calling it again re-decides from scratch."""
+    backend = backend or device.backend_name()
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}.")
+    reset(model)
+    if backend == "cpu":
+        runtime = cpu.install(model)
+    elif backend == "metal":
+        runtime = metal.install(model)
+    else:
+        runtime = Runtime(backend="mlx", prefill_chunk_size=GPU_CHUNK)
+    model.runtime = runtime
+    return runtime
+
+
+__all__ = ["BACKENDS", "Runtime", "cpu", "device", "metal", "prepare"]

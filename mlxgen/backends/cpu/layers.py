@@ -1,0 +1,61 @@
+"""CPU versions of the model's layers, each backed by one of mlxgen's C++ kernels (ext.py).
+
+They subclass the plain MLX layers and change only how the forward pass computes; the CPU
+backend (this package's __init__) swaps them in at load where the kernels are built, and they
+fall back to MLX's op for inputs a kernel does not take (float16, many rows, array offsets)."""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ...models.rope import RoPE
+from . import ext
+
+MATVEC_ROWS = 8  # products with at most this many rows take the streaming matvec kernel
+# Memory-bound: a few cores saturate the bandwidth.
+MATVEC_THREADS = min(8, os.cpu_count() or 1)
+
+
+def _matvec(x: mx.array, weight: mx.array) -> mx.array | None:
+    # MLX sends a few-row product through a packing sgemm; the kernel streams the weight once.
+    if weight.dtype != mx.float32 or x.dtype != mx.float32 or x.size // x.shape[-1] > MATVEC_ROWS:
+        return None
+    return ext.loaded().matvec(x, weight, MATVEC_THREADS)
+
+
+class CpuLinear(nn.Linear):
+    def __call__(self, x: mx.array) -> mx.array:
+        y = _matvec(x, self.weight)
+        if y is None:
+            return super().__call__(x)
+        return y + self.bias if "bias" in self else y
+
+
+class CpuEmbedding(nn.Embedding):
+    """A tied LM head's few-row product on the matvec kernel; lookups as MLX's."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        y = _matvec(x, self.weight)
+        return super().as_linear(x) if y is None else y
+
+
+class CpuRMSNorm(nn.RMSNorm):
+    def __call__(self, x: mx.array) -> mx.array:
+        if x.dtype == self.weight.dtype == mx.float32:
+            return ext.loaded().rms_norm(x, self.weight, self.eps)
+        return super().__call__(x)
+
+
+class CpuRoPE(RoPE):
+    def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
+        if isinstance(offset, int) and x.ndim == 4 and x.dtype == mx.float32:
+            # One pass, reading the transposed projection in place.
+            return ext.loaded().rope(x, self.dims, self.traditional, self.inverse_frequencies(),
+                                     self.scale, offset)
+        return super().__call__(x, offset)
+
+
+SWAPS = {nn.Linear: CpuLinear, nn.Embedding: CpuEmbedding, nn.RMSNorm: CpuRMSNorm, RoPE: CpuRoPE}
