@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from mlxgen.kernels import (DecodePlan, RopeParams, decode_attention_composition, decode_kernel,
-                            rope_composition, rope_kernel)
+from mlxgen.backends.metal import (DecodePlan, RopeParams, decode_attention_composition, decode_kernel,
+                                   rope_composition, rope_kernel)
 from mlxgen.models.rope import RoPE
 
 TOL = {mx.float32: 1e-4, mx.float16: 1e-2, mx.bfloat16: 1e-2}
@@ -98,7 +98,7 @@ class DecodeCase:
     def plan(self) -> DecodePlan | None:
         if self.keys_per_split is None:
             return None
-        from mlxgen.kernels import plan_decode
+        from mlxgen.backends.metal import plan_decode
 
         base = plan_decode(self.B, self.Hk, self.Hq // self.Hk, self.Lq, self.n_keys)
         kps = self.keys_per_split

@@ -1,7 +1,8 @@
-"""The CPU fast path (mlxgen/cpu_ops.py) against MLX's own ops: exp, SwiGLU, attention, logits.
+"""The CPU fast path (mlxgen/backends/cpu/ops.py) against MLX's own ops: exp, SwiGLU, attention,
+logits.
 
-SwiGLU and attention run twice: on mlxgen's C++ kernels (mlxgen/cpu_ext.py) and on the MLX-op
-forms used when those cannot be built."""
+SwiGLU and attention run twice: on mlxgen's C++ kernels (mlxgen/backends/cpu/ext.py) and on the
+MLX-op forms used when those cannot be built."""
 
 import shutil
 
@@ -11,7 +12,9 @@ import mlx.nn as nn
 import pytest
 
 import mlxgen
-from mlxgen import cpu_ops
+from mlxgen import backends
+from mlxgen.backends.cpu import ext
+from mlxgen.backends.cpu import ops as cpu_ops
 from mlxgen.loading import pypi
 from mlxgen.prefill import prefill
 
@@ -32,13 +35,14 @@ needs_compiler = pytest.mark.skipif(not (shutil.which("cmake") and shutil.which(
 
 @pytest.fixture(params=[pytest.param("on", marks=needs_compiler), "off"])
 def cpu_kernels(request, monkeypatch):
+    """The C++ kernels (built) or None (the MLX-op forms)."""
     monkeypatch.setenv("MLXGEN_CPU_KERNELS", request.param)
-    return request.param
+    return ext.kernels()
 
 
 def test_silu_mul(cpu_kernels):
     g, u = mx.random.normal((3, 700)) * 8, mx.random.normal((3, 700))
-    assert mx.abs(cpu_ops.silu_mul(g, u) - nn.silu(g) * u).max().item() < 1e-5
+    assert mx.abs(cpu_ops.silu_mul(g, u, cpu_kernels) - nn.silu(g) * u).max().item() < 1e-5
 
 
 @pytest.mark.parametrize("heads,kv,q_len,k_len", [(9, 3, 7, 7), (14, 2, 64, 300), (4, 4, 33, 33),
@@ -53,7 +57,7 @@ def test_attention_matches_mlx(heads, kv, q_len, k_len, mask, cpu_kernels):
     if mask == "causal" and q_len == 1:
         mask = None
     want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
-    got = cpu_ops.scaled_dot_product_attention(q, k, v, 0.125, mask)
+    got = cpu_ops.scaled_dot_product_attention(q, k, v, 0.125, mask, cpu_kernels)
     assert mx.abs(got - want).max().item() < 1e-5
 
 
@@ -61,7 +65,7 @@ def test_causal_blocks_are_used_and_exact(cpu_kernels):
     # 300 queries over 1100 keys with 8 heads: blocks of < 300 rows, each with its own key range.
     assert cpu_ops._block_rows(8, 1100) < 300
     q, k, v = mx.random.normal((1, 8, 300, 64)), mx.random.normal((1, 2, 1100, 64)), mx.random.normal((1, 2, 1100, 64))
-    got = cpu_ops.scaled_dot_product_attention(q, k, v, 0.125, "causal")
+    got = cpu_ops.scaled_dot_product_attention(q, k, v, 0.125, "causal", cpu_kernels)
     want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask="causal")
     assert mx.abs(got - want).max().item() < 1e-5
 
@@ -73,13 +77,13 @@ def smollm2():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("n,chunk", [(7, 512), (512, 512), (513, 512), (1500, 512), (1500, 256)])
-def test_fast_path_logits_equal_reference_path(smollm2, monkeypatch, n, chunk):
+def test_fast_path_logits_equal_reference_path(smollm2, n, chunk):
     model, tokenizer = smollm2
     text = "Paris, the capital of France, has many museums, bridges and cafés. " * 200
     ids = tokenizer.encode(text)[:n]
-    monkeypatch.setenv("MLXGEN_CPU_FAST_OPS", "off")
+    assert backends.prepare(model, "mlx").backend == "mlx"  # MLX's own ops only
     reference = prefill(model, ids, model.make_cache(), chunk)
-    monkeypatch.setenv("MLXGEN_CPU_FAST_OPS", "on")
+    assert backends.prepare(model, "cpu").backend == "cpu"
     fast = prefill(model, ids, model.make_cache(), chunk)
     assert mx.abs(fast - reference).max().item() <= 1e-4
     assert mx.argmax(fast).item() == mx.argmax(reference).item()

@@ -1,4 +1,5 @@
-"""mlxgen's C++ CPU kernels (kernels/cpu/fast_math.cpp via mlxgen/cpu_ext.py): build, cache, math."""
+"""mlxgen's C++ CPU kernels (kernels/cpu/fast_math.cpp via mlxgen/backends/cpu/ext.py): build,
+cache, math, and that the CPU backend puts every one of them in a model."""
 
 import shutil
 
@@ -7,7 +8,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlxgen import cpu_ext
+from mlxgen import backends
+from mlxgen.backends.cpu import ext as cpu_ext
 from mlxgen.errors import ConfigError
 
 pytestmark = pytest.mark.skipif(not (shutil.which("cmake") and shutil.which("c++")),
@@ -82,9 +84,9 @@ def test_matvec(ext, rows, k, n, threads):
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_takes_the_matvec_kernel_for_few_rows_only(ext, bias, monkeypatch):
     # Decode steps and the last prompt row go to the kernel; a prefill chunk stays on BLAS sgemm.
-    from mlxgen.models.linear import Linear
+    from mlxgen.backends.cpu.layers import CpuLinear
 
-    layer = Linear(96, 1100, bias=bias)
+    layer = CpuLinear(96, 1100, bias=bias)
     calls = []
 
     class Counting:
@@ -102,10 +104,6 @@ def test_linear_takes_the_matvec_kernel_for_few_rows_only(ext, bias, monkeypatch
         got = layer(x)
         assert ("matvec" in calls) == kernel, (rows, calls)
         np.testing.assert_allclose(np.array(got), want, rtol=1e-5, atol=1e-5)
-    monkeypatch.setenv("MLXGEN_CPU_FAST_OPS", "off")  # the switch that restores MLX's ops
-    calls.clear()
-    layer(mx.random.normal((1, 1, 96)))
-    assert calls == []
 
 
 def test_rms_norm_matches_mlx(ext):
@@ -188,6 +186,7 @@ def test_models_run_through_every_kernel(ext, arch, monkeypatch):
 
     model, ids = tiny_model(arch), token_ids(40)
     monkeypatch.setenv("MLXGEN_CPU_KERNELS", "off")
+    assert backends.prepare(model, "cpu").backend == "cpu"  # fast-math MLX ops, no kernels
     want = prefill(model, ids, model.make_cache())
     calls = []
 
@@ -198,6 +197,25 @@ def test_models_run_through_every_kernel(ext, arch, monkeypatch):
 
     monkeypatch.setenv("MLXGEN_CPU_KERNELS", "on")
     monkeypatch.setattr(cpu_ext, "_load", lambda: (Counting(), ""))
+    backends.prepare(model, "cpu")
     got = prefill(model, ids, model.make_cache())
     assert set(calls) == {"softmax_numerators", "silu_mul", "rms_norm", "rope", "matvec"}
     assert mx.abs(got - want).max().item() < 1e-4
+    # Prepared again for the MLX-only backend, the model calls no kernel at all.
+    backends.prepare(model, "mlx")
+    calls.clear()
+    assert mx.abs(prefill(model, ids, model.make_cache()) - want).max().item() < 1e-4
+    assert calls == []
+
+
+def test_fast_ops_off_and_float16_keep_mlx_ops(monkeypatch):
+    from reuse_helpers import tiny_model
+
+    model = tiny_model("qwen3")
+    monkeypatch.setenv("MLXGEN_CPU_FAST_OPS", "off")
+    assert backends.prepare(model, "cpu").backend == "mlx"
+    assert type(model.layers[0].self_attn.q_proj) is nn.Linear
+    monkeypatch.setenv("MLXGEN_CPU_FAST_OPS", "on")
+    model.set_dtype(mx.float16)  # the Mac profile run on the CPU: MLX's ops, as on the GPU
+    assert backends.prepare(model, "cpu").backend == "mlx"
+    assert "sdpa" not in model.layers[0].self_attn.__dict__

@@ -8,10 +8,11 @@ import mlx.core as mx
 import pytest
 
 from mlxgen.errors import ConfigError
-from mlxgen.kernels import (KernelDispatch, RopeParams, bench_kernels, decode_attention_composition,
-                            decode_attention_prerope, format_table, fused_rope, get_dispatch, main,
-                            microbenchmark, plan_decode, resolve_mode, rope_composition,
-                            unavailable_reason)
+from mlxgen.backends.metal import (KernelDispatch, RopeParams, bench_kernels, choose_decode,
+                                   choose_rope, decode_attention_composition,
+                                   decode_attention_prerope, format_table, fused_rope,
+                                   get_dispatch, main, microbenchmark, plan_decode, resolve_mode,
+                                   rope_composition, unavailable_reason)
 
 on_cpu = pytest.mark.skipif(unavailable_reason() is None, reason="runs where kernels cannot (CPU)")
 ROPE = RopeParams(64, base=10000.0)
@@ -97,25 +98,48 @@ def test_decisions_are_cached_per_shape_and_device(tmp_path):
     q = mx.random.normal((1, 4, 1, 64))
     kc = mx.random.normal((1, 2, 2048, 64))
 
-    def step(n, disp=d):
+    def decide(n, disp=d):  # what the backend does at load, per context bucket
+        return choose_decode(disp, q.shape, 2, n, ROPE, 0.125, q.dtype, kc.dtype)
+
+    def step(n, disp=d):  # a decode step: looks the decision up, never times
         return decode_attention_prerope(q, kc, kc, n, ROPE, 0.125, dispatch=disp)
 
-    assert mx.array_equal(step(300), mx.zeros_like(q)).item()  # first shape: kernel wins
-    assert len(calls) == 1 and fake.launched == ["mlxgen_attn_decode_prerope"] * 1
-    step(500)  # same power-of-two bucket (512): no new benchmark
+    assert not mx.array_equal(step(300), mx.zeros_like(q)).item()  # undecided: composition
+    assert calls == [] and fake.launched == []
+    assert decide(300) is True and len(calls) == 1  # bucket 512: kernel wins
+    assert mx.array_equal(step(300), mx.zeros_like(q)).item()
+    assert fake.launched == ["mlxgen_attn_decode_prerope"]
+    decide(500)  # same power-of-two bucket (512): no new benchmark
     assert len(calls) == 1
-    assert not mx.array_equal(step(600), mx.zeros_like(q)).item()  # bucket 1024: composition
-    assert len(calls) == 2
+    assert decide(600) is False and len(calls) == 2  # bucket 1024: composition
+    assert not mx.array_equal(step(600), mx.zeros_like(q)).item()
     saved = json.loads(path.read_text())["GPU A|mlx 1"]
     assert sorted(v["use_kernel"] for v in saved.values()) == [False, True]
     assert all(k.startswith("decode_prerope|B1-Hq4-Hk2-Lq1-D64-n") for k in saved)
 
     again = KernelDispatch("auto", available=True, factory=fake, bench=bench, path=path, device="GPU A|mlx 1")
-    step(400, again)
+    decide(400, again)
     assert len(calls) == 2  # loaded from disk
     other = KernelDispatch("auto", available=True, factory=fake, bench=bench, path=path, device="GPU B|mlx 1")
-    step(400, other)
+    decide(400, other)
     assert len(calls) == 3 and set(json.loads(path.read_text())) == {"GPU A|mlx 1", "GPU B|mlx 1"}
+
+
+def test_benchmark_thunks_time_only_the_op(tmp_path):
+    # Inputs are made and evaluated before timing: the thunks the benchmark gets create nothing.
+    seen = []
+
+    def bench(kernel, composition):
+        before = mx.get_active_memory()
+        for _ in range(3):
+            mx.eval(composition())
+        seen.append(mx.get_active_memory() - before)
+        return {"use_kernel": False, "kernel_us": 1.0, "composition_us": 1.0, "note": ""}
+
+    d = KernelDispatch("auto", available=True, factory=FakeKernels(), bench=bench, path=tmp_path / "d.json")
+    choose_decode(d, (1, 4, 1, 64), 2, 1000, ROPE, 0.125, mx.float32, mx.float32)
+    choose_rope(d, (1, 4, 100, 64), 2, ROPE, mx.float32, mx.float32, mx.float32)
+    assert len(seen) == 2 and all(grown < 1 << 20 for grown in seen)
 
 
 def test_forced_on_with_a_kernel_backend_skips_benchmarks_and_unsupported_shapes(tmp_path):

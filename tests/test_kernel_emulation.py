@@ -11,10 +11,10 @@ import pytest
 from kernel_cases import (DECODE_CASES, ROPE_CASES, TOL, F32, check, check_decode_case,
                           check_rope_case, fresh_seed, rope_params)
 
-from mlxgen.emulation import metal_kernel
-from mlxgen.kernels import (KernelDispatch, decode_attention_composition,
-                            decode_attention_prerope, fused_rope, rope_composition)
-from mlxgen.kernels.launch import SPECS
+from metal_emulator import metal_kernel
+from mlxgen.backends.metal import (KernelDispatch, decode_attention_composition,
+                                   decode_attention_prerope, fused_rope, rope_composition)
+from mlxgen.backends.metal.launch import SPECS
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None,
                                 reason="the kernel emulator needs g++ (C++20)")

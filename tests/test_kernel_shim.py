@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlxgen.emulation import KernelFault, UnsupportedConstruct, metal_kernel
+from metal_emulator import KernelFault, UnsupportedConstruct, metal_kernel
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None,
                                 reason="the kernel emulator needs g++ (C++20)")

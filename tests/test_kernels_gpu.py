@@ -12,8 +12,8 @@ import pytest
 from kernel_cases import (DECODE_CASES, ROPE_CASES, DecodeCase, check, check_decode_case,
                           check_rope_case, decode_inputs)
 
-from mlxgen.kernels import (KernelDispatch, bench_kernels, decode_attention_composition,
-                            decode_attention_prerope, format_table, unavailable_reason)
+from mlxgen.backends.metal import (KernelDispatch, bench_kernels, decode_attention_composition,
+                                   decode_attention_prerope, format_table, unavailable_reason)
 
 REASON = unavailable_reason()
 pytestmark = [pytest.mark.gpu,

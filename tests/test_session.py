@@ -7,6 +7,7 @@ from test_generate import TEMPLATE, tiny_tokenizer
 
 import mlxgen
 from mlxgen.cache import make_cache
+from mlxgen.reuse.placement import fetch
 from mlxgen.errors import MlxgenError, PromptTooLongError
 from mlxgen.prefill import prefill
 
@@ -32,7 +33,7 @@ def check_cache_matches_tokens(model, session):
     ref = make_cache(len(model.layers), "standard")
     prefill(model, session.tokens, ref)
     for layer, c, r in zip(model.layers, session.cache, ref):
-        keys, values = c.fetch(layer.self_attn.rope)
+        keys, values = fetch(c, layer.self_attn.rope)
         assert max_diff(keys, r.keys[..., :n, :]) < TOL
         assert max_diff(values, r.values[..., :n, :]) < TOL
 

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from mlxgen import backend, settings
+from mlxgen import settings
+from mlxgen.backends import cpu as cpu_backend
+from mlxgen.backends import device
 from mlxgen.errors import ConfigError
 
 
@@ -31,24 +33,24 @@ def test_env_values_are_used(monkeypatch):
     assert settings.prefill_chunk_size() == 128
     assert settings.prefill_chunk_size(64) == 64  # an argument wins over the environment
     monkeypatch.setenv("MLXGEN_DTYPE", "bfloat16")
-    assert str(backend.weight_dtype()) == "mlx.core.bfloat16"
+    assert str(device.weight_dtype()) == "mlx.core.bfloat16"
     monkeypatch.setenv("MLXGEN_QUANTIZED", "keep")
-    assert backend.keep_quantized() is True
+    assert device.keep_quantized() is True
 
 
 def test_cpu_policy_defaults(monkeypatch):
     for name in ("MLXGEN_DTYPE", "MLXGEN_QUANTIZED"):
         monkeypatch.delenv(name, raising=False)
-    if not backend.is_cpu():
+    if not device.is_cpu():
         pytest.skip("CPU policy only")
-    assert str(backend.weight_dtype()) == "mlx.core.float32"
-    assert backend.keep_quantized() is False
+    assert str(device.weight_dtype()) == "mlx.core.float32"
+    assert device.keep_quantized() is False
     with pytest.raises(ConfigError, match="argument"):
-        backend.keep_quantized("sometimes")
+        device.keep_quantized("sometimes")
 
 
 def test_cpu_cache_limit_is_raised_but_never_lowered():
-    if not backend.is_cpu():
+    if not device.is_cpu():
         pytest.skip("CPU policy only")
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -57,16 +59,16 @@ def test_cpu_cache_limit_is_raised_but_never_lowered():
 
     original = mx.set_cache_limit(32 << 20)  # MLX's CPU default
     try:
-        backend.raise_cpu_cache_limit()
-        assert mx.set_cache_limit(backend.CPU_CACHE_LIMIT * 4) == backend.CPU_CACHE_LIMIT
-        backend.raise_cpu_cache_limit()  # a larger limit set by the user stays
-        assert mx.set_cache_limit(32 << 20) == backend.CPU_CACHE_LIMIT * 4
+        cpu_backend.raise_cache_limit()
+        assert mx.set_cache_limit(cpu_backend.CPU_CACHE_LIMIT * 4) == cpu_backend.CPU_CACHE_LIMIT
+        cpu_backend.raise_cache_limit()  # a larger limit set by the user stays
+        assert mx.set_cache_limit(32 << 20) == cpu_backend.CPU_CACHE_LIMIT * 4
         # Building any model applies it (load() goes through build_model).
         config = dict(model_type="llama", hidden_size=32, num_hidden_layers=1, intermediate_size=64,
                       num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
         weights = dict(tree_flatten(model_from_config(config).parameters()))
         build_model(config, weights)
-        assert mx.set_cache_limit(original) == backend.CPU_CACHE_LIMIT
+        assert mx.set_cache_limit(original) == cpu_backend.CPU_CACHE_LIMIT
     finally:
         mx.set_cache_limit(original)
 
@@ -85,9 +87,10 @@ PROBE = """
 import json, sys
 {first}
 import mlxgen, _mlxgen_blas
+from mlxgen.backends.cpu.blas import blas_in_use
 maps = open('/proc/self/maps').read()
 print(json.dumps({{"status": _mlxgen_blas.status, "mapped": 'libopenblas' in maps,
-                  "blas": mlxgen.backend.blas_in_use()}}))
+                  "blas": blas_in_use()}}))
 """
 
 
