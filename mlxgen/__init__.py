@@ -5,7 +5,8 @@ from .errors import (
 )
 from .generate import GenerationResponse, GenerationStats, generate, stream_generate
 from .loading import build_model, load
-from .reuse import Chunk, ChunkStore, Session
+from .reuse import Chunk, ChunkStore
+from .reuse.session import Session
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"

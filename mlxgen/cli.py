@@ -15,7 +15,7 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", default=DEFAULT_MODEL,
         help="HF directory or repo id, file.gguf, ollama:NAME[:TAG], or a PyPI-shipped model "
-        f"(smollm2, qwen2.5-coder). Default: {DEFAULT_MODEL}",
+        f"(smollm2:135m, qwen2.5-coder:0.5b). Default: {DEFAULT_MODEL}",
     )
     p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default=None)
     p.add_argument("--quantized", choices=("auto", "keep", "dequantize"), default=None)

@@ -4,12 +4,11 @@ logits.
 SwiGLU and attention run twice: on mlxgen's C++ kernels (mlxgen/backends/cpu/ext.py) and on the
 MLX-op forms used when those cannot be built."""
 
-import shutil
-
 import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
+from build_tools import needs_cpu_kernel_tools
 
 import mlxgen
 from mlxgen import backends
@@ -29,11 +28,9 @@ def test_exp_accuracy_and_no_bias():
     assert got[-1] == 1.0  # the row max maps to exactly 1
 
 
-needs_compiler = pytest.mark.skipif(not (shutil.which("cmake") and shutil.which("c++")),
-                                    reason="the CPU kernels need cmake and a C++ compiler")
 
 
-@pytest.fixture(params=[pytest.param("on", marks=needs_compiler), "off"])
+@pytest.fixture(params=[pytest.param("on", marks=needs_cpu_kernel_tools), "off"])
 def cpu_kernels(request, monkeypatch):
     """The C++ kernels (built) or None (the MLX-op forms)."""
     monkeypatch.setenv("MLXGEN_CPU_KERNELS", request.param)

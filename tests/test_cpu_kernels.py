@@ -1,19 +1,17 @@
 """mlxgen's C++ CPU kernels (kernels/cpu/fast_math.cpp via mlxgen/backends/cpu/ext.py): build,
 cache, math, and that the CPU backend puts every one of them in a model."""
 
-import shutil
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from build_tools import needs_cpu_kernel_tools
 
 from mlxgen import backends
 from mlxgen.backends.cpu import ext as cpu_ext
 from mlxgen.errors import ConfigError
 
-pytestmark = pytest.mark.skipif(not (shutil.which("cmake") and shutil.which("c++")),
-                                reason="the CPU kernels need cmake and a C++ compiler")
+pytestmark = needs_cpu_kernel_tools
 
 
 @pytest.fixture(scope="module")

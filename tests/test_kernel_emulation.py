@@ -4,10 +4,10 @@ queries, ragged key counts and splits, positions > 0, every output element check
 
 from __future__ import annotations
 
-import shutil
 
 import mlx.core as mx
 import pytest
+from build_tools import needs_gxx
 from kernel_cases import (DECODE_CASES, ROPE_CASES, TOL, F32, check, check_decode_case,
                           check_rope_case, fresh_seed, rope_params)
 
@@ -16,8 +16,7 @@ from mlxgen.backends.metal import (KernelDispatch, decode_attention_composition,
                                    decode_attention_prerope, fused_rope, rope_composition)
 from mlxgen.backends.metal.launch import SPECS
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None,
-                                reason="the kernel emulator needs g++ (C++20)")
+pytestmark = needs_gxx
 
 SEEN: set[str] = set()
 

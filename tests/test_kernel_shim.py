@@ -3,16 +3,15 @@ loud refusals/faults for what it does not (so a passing emulation means somethin
 
 from __future__ import annotations
 
-import shutil
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from build_tools import needs_gxx
 
 from metal_emulator import KernelFault, UnsupportedConstruct, metal_kernel
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None,
-                                reason="the kernel emulator needs g++ (C++20)")
+pytestmark = needs_gxx
 
 
 def run(source, inputs, out_shape=(64,), grid=(64, 1, 1), tg=(32, 1, 1), dtype=mx.float32,

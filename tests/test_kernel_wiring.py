@@ -5,10 +5,9 @@ pre-RoPE cache the default when the decode kernel won everywhere; a decode step 
 No GPU here: the device is simulated by a dispatcher whose kernels run through the CPU emulator
 of the very Metal sources (tools/metal_emulator) and whose benchmark is scripted."""
 
-import shutil
-
 import mlx.core as mx
 import pytest
+from build_tools import needs_gxx
 from mlx.utils import tree_map
 
 from mlxgen import backends
@@ -66,9 +65,6 @@ def run(model, cache, on_step=None):
             on_step()
         logits.append(model(mx.array([[t]]), cache)[:, -1])
     return mx.concatenate(logits)
-
-
-needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="the kernel emulator needs g++")
 
 
 @needs_gxx

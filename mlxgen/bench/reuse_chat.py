@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..generate import prompt_tokens, stream_generate
-from ..reuse import Session
+from ..reuse.session import Session
 from .reuse_data import CHAT_SYSTEM, CHAT_TURNS, DOCS, fit
 
 REPLY_TOKENS = 50

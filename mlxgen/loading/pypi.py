@@ -35,7 +35,10 @@ PYPI_MODELS = {
         "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
 }
-ALIASES = {"smollm2": "smollm2-135m-instruct", "qwen2.5-coder": "qwen2.5-coder-0.5b-instruct"}
+# Short names in Ollama's NAME:SIZE style (Ollama's bare `smollm2` is the 1.7B model: ours is
+# 135M), and the earlier bare names, kept as aliases.
+ALIASES = {"smollm2:135m": "smollm2-135m-instruct", "qwen2.5-coder:0.5b": "qwen2.5-coder-0.5b-instruct",
+           "smollm2": "smollm2-135m-instruct", "qwen2.5-coder": "qwen2.5-coder-0.5b-instruct"}
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
