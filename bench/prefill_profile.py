@@ -21,7 +21,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 import mlxgen
-from mlxgen import backend, cpu_ops
+from mlxgen import backends
+from mlxgen.backends.cpu import ext
+from mlxgen.backends.cpu import ops as cpu_ops
+from mlxgen.backends.cpu.blas import blas_in_use
 from mlxgen.info import matmul_gflops
 from mlxgen.prefill import prefill
 
@@ -51,14 +54,15 @@ def layer_components(args, chunk: int, context: int) -> dict[str, tuple[float, f
         "matmuls": (timed(matmuls),) * 2,
         "attention": (
             timed(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")),
-            timed(lambda: cpu_ops.scaled_dot_product_attention(q, k, v, scale, "causal")),
+            timed(lambda: cpu_ops.scaled_dot_product_attention(q, k, v, scale, "causal", ext.kernels())),
         ),
-        "swiglu": (timed(lambda: nn.silu(g) * u), timed(lambda: cpu_ops.silu_mul(g, u))),
+        "swiglu": (timed(lambda: nn.silu(g) * u), timed(lambda: cpu_ops.silu_mul(g, u, ext.kernels()))),
     }
 
 
 # Prefill variants compared run by run: MLX's own ops, the fast path on MLX ops, the fast path
-# on mlxgen's C++ kernels (mlxgen/cpu_ext.py).
+# on mlxgen's C++ kernels (mlxgen/backends/cpu/ext.py). Each re-prepares the model (the backend
+# reads these variables at load).
 VARIANTS = {"reference": {"MLXGEN_CPU_FAST_OPS": "off", "MLXGEN_CPU_KERNELS": "off"},
             "mlx-ops": {"MLXGEN_CPU_FAST_OPS": "on", "MLXGEN_CPU_KERNELS": "off"},
             "kernels": {"MLXGEN_CPU_FAST_OPS": "on", "MLXGEN_CPU_KERNELS": "on"}}
@@ -68,6 +72,7 @@ def prefill_ab(model, n: int, chunk: int, reps: int) -> dict[str, float]:
     """Median seconds of a whole prefill per variant, interleaved, fresh prompts."""
     def run(variant: str) -> float:
         os.environ.update(VARIANTS[variant])
+        backends.prepare(model)
         ids = [random.randrange(100, model.args.vocab_size - 100) for _ in range(n)]
         t = time.perf_counter()
         mx.eval(prefill(model, ids, model.make_cache(), chunk))
@@ -81,6 +86,7 @@ def prefill_ab(model, n: int, chunk: int, reps: int) -> dict[str, float]:
             samples[v].append(run(v))
     for name in VARIANTS["reference"]:
         os.environ.pop(name)
+    backends.prepare(model)
     return {v: statistics.median(t) for v, t in samples.items()}
 
 
@@ -96,7 +102,7 @@ def main() -> None:
     chunks = [int(s) for s in a.chunk_sizes.split(",")]
     model, _ = mlxgen.load(a.model)
     print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores; "
-          f"backend {backend.backend_name()}; BLAS {backend.blas_in_use()}; "
+          f"backend {backends.device.backend_name()}; BLAS {blas_in_use()}; "
           f"matmul {matmul_gflops():.0f} GFLOP/s; model {a.model}")
     if not a.skip_components:
         print("\nper-layer ms for one chunk (reference -> fast):")

