@@ -80,7 +80,11 @@ class MlxgenTarget(Target):
     def info(self) -> dict[str, Any]:
         from ..prefill import chunk_size_for
 
-        return {**super().info(), "prefill_chunk_size": chunk_size_for(self.model, self.chunk_size)}
+        rt = self.model.runtime
+        return {**super().info(), "prefill_chunk_size": chunk_size_for(self.model, self.chunk_size),
+                "backend": rt.backend, "cache_mode": rt.cache_mode,
+                # mlx-lm's stream_generate wires the same recommended working set on Metal
+                "wired_limit": "recommended working set" if rt.wired_limit else None}
 
 
 class MlxLmTarget(Target):
@@ -117,7 +121,8 @@ class MlxLmTarget(Target):
     def info(self) -> dict[str, Any]:
         import mlx_lm
 
-        return {**super().info(), "version": mlx_lm.__version__}
+        return {**super().info(), "version": mlx_lm.__version__,
+                "wired_limit": "recommended working set" if mx.metal.is_available() else None}
 
 
 def mlx_lm_config(args) -> dict[str, Any]:
