@@ -139,11 +139,13 @@ def test_segment_prompts_through_generate(tiny):
     ids = tok.encode(head) + list(chunk.token_ids) + tok.encode(question, add_special_tokens=False)
     plain = [r.token for r in mlxgen.stream_generate(model, tok, ids, max_tokens=8)]
     # Full recompute reproduces the plain prompt exactly; a leading chunk needs no recompute.
+    # The segments carry template text written by the caller: parse_special opts in.
     full = list(mlxgen.stream_generate(model, tok, [head, chunk, question], max_tokens=8,
-                                       recompute=1.0))
+                                       recompute=1.0, parse_special=True))
     assert [r.token for r in full] == plain
     assert full[-1].stats.cached_tokens == 0 and full[-1].stats.prompt_tokens == len(ids)
-    lead = list(mlxgen.stream_generate(model, tok, [chunk, question], max_tokens=8, recompute=0.0))
+    lead = list(mlxgen.stream_generate(model, tok, [chunk, question], max_tokens=8, recompute=0.0,
+                                       parse_special=True))
     lead_ids = list(chunk.token_ids) + tok.encode(question, add_special_tokens=False)
     assert [r.token for r in lead] == tokens_of(model, tok, lead_ids, max_tokens=8)
     stats = lead[-1].stats
@@ -161,7 +163,8 @@ def test_cache_reuse_off_prefills_everything(tiny, monkeypatch):
     chunk = ChunkStore(model, tok).add("The capital of France is Paris.")
     monkeypatch.setenv("MLXGEN_CACHE_REUSE", "off")
     prompt = ["<|user|>", chunk, " Where?"]
-    out = list(mlxgen.stream_generate(model, tok, prompt, max_tokens=5, recompute=0.0))
+    out = list(mlxgen.stream_generate(model, tok, prompt, max_tokens=5, recompute=0.0,
+                                      parse_special=True))
     ids = (tok.encode("<|user|>") + list(chunk.token_ids)
            + tok.encode(" Where?", add_special_tokens=False))
     assert [r.token for r in out] == tokens_of(model, tok, ids, max_tokens=5)

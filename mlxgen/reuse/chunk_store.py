@@ -22,6 +22,7 @@ from .. import settings
 from ..cache import make_cache
 from ..errors import ChunkStoreError, CorruptChunkError, MlxgenError
 from ..prefill import cache_state, chunk_size_for
+from ..tokenizer import check_text
 from . import persist
 from .fingerprint import model_fingerprint
 
@@ -96,9 +97,11 @@ class ChunkStore:
         self.nbytes = 0  # bytes held in memory
         self.encoded = 0  # chunks encoded by this store (the rest came from memory or disk)
 
-    def add(self, chunk: str | Sequence[int]) -> Chunk:
-        """Encode text (no special tokens added) or token ids once; return its handle."""
-        handle = Chunk(self._key(ids := self._token_ids(chunk)), tuple(ids), self.fingerprint, self)
+    def add(self, chunk: str | Sequence[int], *, parse_special: bool = False) -> Chunk:
+        """Encode text (no special tokens added; control-token text kept literal unless
+        parse_special) or token ids once; return its handle."""
+        ids = self._token_ids(chunk, parse_special)
+        handle = Chunk(self._key(ids), tuple(ids), self.fingerprint, self)
         self.get(handle)
         return handle
 
@@ -145,9 +148,10 @@ class ChunkStore:
         self._entries.clear()
         self.nbytes = 0
 
-    def _token_ids(self, chunk: str | Sequence[int]) -> list[int]:
+    def _token_ids(self, chunk: str | Sequence[int], parse_special: bool = False) -> list[int]:
         if isinstance(chunk, str):
-            ids = self.tokenizer.encode(chunk, add_special_tokens=False)
+            ids = self.tokenizer.encode(check_text(chunk, "chunk text"), add_special_tokens=False,
+                                        parse_special=parse_special)
         elif isinstance(chunk, (list, tuple, mx.array)):
             ids = chunk.tolist() if isinstance(chunk, mx.array) else list(chunk)
             vocab = self.model.args.vocab_size
