@@ -16,6 +16,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.decoders import DecodeStream
 
 from .errors import ConfigError, MlxgenError, ModelLoadError
+from .jsonfile import read_json
 
 Message = dict[str, Any]
 
@@ -256,7 +257,7 @@ def _raise(message: str) -> None:
 def _read_json(path: Path) -> dict:
     if not path.exists():
         return {}
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path} is not valid JSON ({e}); re-download it.") from None
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object; re-download it.")
+    return data

@@ -15,11 +15,11 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from .. import backend
-from ..errors import ModelLoadError
+from .. import backend, settings
+from ..errors import MlxgenError, ModelLoadError
 from ..models import model_from_config
 from ..tokenizer import Tokenizer
-from . import hf, pypi
+from . import hf, limits, pypi
 
 
 @dataclass
@@ -43,13 +43,15 @@ def load(
     dtype: "auto" (float32 on CPU, float16 on GPU), "float32", "float16" or "bfloat16".
     quantized: "auto" (dequantize on the CPU, keep on a GPU), "keep" or "dequantize".
     """
+    settings.validate_all()
     backend.report_blas()  # once per process, after the caller had a chance to set up logging
     with tqdm(total=2, desc=f"loading {source}", unit="step", disable=not progress) as bar:
         bar.set_postfix_str("reading weights and tokenizer")
         config, weights, quantization, tokenizer, info = _read_source(str(source), progress)
         bar.update()
         bar.set_postfix_str("building model")
-        model = build_model(config, weights, quantization, dtype=dtype, quantized=quantized)
+        model = build_model(config, weights, quantization, dtype=dtype, quantized=quantized,
+                            source=info.path)
         bar.update()
         bar.set_postfix_str("")
     model.info = info
@@ -94,7 +96,14 @@ def _read_hf(path: Path, source: str):
 def _read_gguf(path: Path, source: str):
     from .gguf import read_gguf
 
-    contents = read_gguf(path)
+    try:
+        contents = read_gguf(path)
+    except (MlxgenError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - a safety net: a malformed file is a load error
+        raise ModelLoadError(
+            f"{path}: malformed GGUF file ({type(e).__name__}: {e}); re-download or re-convert it."
+        ) from None
     parts = contents.tokenizer
     tokenizer = Tokenizer(
         parts.tokenizer,
@@ -131,8 +140,12 @@ def build_model(
     *,
     dtype: str | None = None,
     quantized: str | None = None,
+    source: str = "the model config",
 ) -> nn.Module:
-    """Construct the model for `config` and load `weights` (HF names) into it, checked."""
+    """Construct the model for `config` and load `weights` (HF names) into it, checked.
+    source names the files in error messages."""
+    limits.check_config(config, source)
+    limits.check_against_weights(config, {k: tuple(v.shape) for k, v in weights.items()}, source)
     backend.raise_cpu_cache_limit()  # every model built here runs with MLX's CPU buffer cache raised
     model = model_from_config(config)
     weights = model.sanitize(dict(weights))
