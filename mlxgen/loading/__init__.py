@@ -50,8 +50,9 @@ def load(
         config, weights, quantization, tokenizer, info = _read_source(str(source), progress)
         bar.update()
         bar.set_postfix_str("building model")
+        described = str(Path(info.path) / "config.json") if info.format == "hf" else info.path
         model = build_model(config, weights, quantization, dtype=dtype, quantized=quantized,
-                            source=info.path)
+                            source=described)
         bar.update()
         bar.set_postfix_str("")
     model.info = info
