@@ -69,7 +69,7 @@ def test_persistence_round_trip(tiny, tmp_path):
     assert second.encoded == 0 and again == chunk
     assert max_diff(second.get(again).keys, first.get(chunk).keys) == 0.0
     _, meta = mx.load(str(files[0]), return_metadata=True)
-    assert meta["fingerprint"] == first.fingerprint and meta["format_version"] == "1"
+    assert meta["fingerprint"] == first.fingerprint and meta["format_version"] == "2"
     assert meta["dtype"] == "float32" and int(meta["n_tokens"]) == len(chunk)
 
 
@@ -117,13 +117,15 @@ def test_another_models_chunks_are_refused(tiny, tmp_path):
         mlxgen.generate(model, tok, ["Hi", chunk, "there"], max_tokens=2)
     with pytest.raises(ChunkStoreError, match="another model"):
         ChunkStore(model, tok).get(chunk)
-    # A foreign file put under a key this store would read: refused, not re-encoded over.
+    # A foreign file put under a key this store would read: never served; set aside (.foreign)
+    # and the chunk re-encoded, so it does not block that chunk forever.
     ours = ChunkStore(model, tok, path=tmp_path / "ours")
     mine = ours.add("Paris is lovely in spring.")
-    (tmp_path / "ours" / f"{mine.key}.safetensors").write_bytes(
-        (tmp_path / "other" / f"{chunk.key}.safetensors").read_bytes())
-    with pytest.raises(ChunkStoreError, match="another model"):
-        ChunkStore(model, tok, path=tmp_path / "ours").get(mine)
+    file = tmp_path / "ours" / f"{mine.key}.safetensors"
+    file.write_bytes((tmp_path / "other" / f"{chunk.key}.safetensors").read_bytes())
+    again = ChunkStore(model, tok, path=tmp_path / "ours")
+    assert max_diff(again.get(mine).keys, ours.get(mine).keys) < TOL and again.encoded == 1
+    assert file.with_suffix(".foreign").exists() and file.exists()
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "store.json").write_text(json.dumps({"nope": 1}))
     with pytest.raises(ChunkStoreError, match="manifest"):
