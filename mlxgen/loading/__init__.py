@@ -148,7 +148,14 @@ def build_model(
     limits.check_config(config, source)
     limits.check_against_weights(config, {k: tuple(v.shape) for k, v in weights.items()}, source)
     backend.raise_cpu_cache_limit()  # every model built here runs with MLX's CPU buffer cache raised
-    model = model_from_config(config)
+    try:
+        model = model_from_config(config)
+    except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError, OverflowError,
+            IndexError) as e:
+        if isinstance(e, MlxgenError):
+            raise
+        raise ModelLoadError(f"{source}: a config value is invalid ({type(e).__name__}: {e}); "
+                             "the file is corrupt or not a supported model.") from None
     weights = model.sanitize(dict(weights))
     if quantization:
         nn.quantize(model, class_predicate=_quantized_here(weights, quantization))

@@ -8,6 +8,7 @@ import mlx.core as mx
 
 from ..errors import ModelLoadError, UnsupportedModelError
 from ..jsonfile import read_json
+from .limits import check_config
 
 
 def read_config(path: Path) -> dict:
@@ -20,6 +21,7 @@ def read_config(path: Path) -> dict:
     config = read_json(file)
     if not isinstance(config, dict):
         raise ModelLoadError(f"{file} must hold a JSON object; re-download the model.")
+    check_config(config, str(file))
     return config
 
 

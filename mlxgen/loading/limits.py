@@ -32,6 +32,14 @@ INT_FIELDS = {
     "decoder_sparse_step": (1, MAX_LAYERS),
 }
 FLOAT_FIELDS = {"rms_norm_eps": (0.0, 1.0), "rope_theta": (0.0, math.inf)}
+TYPED_FIELDS = {  # field: (allowed types, what to say)
+    "model_type": (str, "a string"), "rope_scaling": (dict, "an object"),
+    "rope_parameters": (dict, "an object"), "quantization": (dict, "an object"),
+    "quantization_config": (dict, "an object"), "tie_word_embeddings": (bool, "true or false"),
+    "attention_bias": (bool, "true or false"), "mlp_bias": (bool, "true or false"),
+    "norm_topk_prob": (bool, "true or false"), "mlp_only_layers": (list, "a list of layer numbers"),
+    "rope_freq_factors": (list, "a list of numbers"),
+}
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
@@ -49,6 +57,20 @@ def check_config(config: Mapping[str, Any], source: str,
     """Types and ranges of the hyper-parameters in an HF-style config dict. names maps a field to
     the name the file uses for it (a GGUF key), for the message."""
     names = names or {}
+    if not isinstance(config, Mapping):
+        raise ModelLoadError(f"{source}: the config must be a JSON object; re-download the model.")
+    for field, (kinds, what) in TYPED_FIELDS.items():
+        value = config.get(field)
+        if value is not None and not isinstance(value, kinds):
+            raise _bad(source, field, names, f"must be {what}, got {value!r}")
+    if not all(is_int(i) for i in config.get("mlp_only_layers") or []):
+        raise _bad(source, "mlp_only_layers", names, "must hold layer numbers")
+    for field in ("rope_scaling", "rope_parameters"):
+        for key, value in (config.get(field) or {}).items():
+            if key in ("factor", "low_freq_factor", "high_freq_factor", "rope_theta",
+                       "original_max_position_embeddings") and not _positive_number(value):
+                raise _bad(source, f"{field}.{key}", names, f"must be a positive number, got "
+                           f"{value!r}")
     for field, (lo, hi) in INT_FIELDS.items():
         value = config.get(field)
         if value is None:
@@ -73,6 +95,11 @@ def check_config(config: Mapping[str, Any], source: str,
         if config["hidden_size"] % heads:
             raise _bad(source, "hidden_size", names,
                        f"({config['hidden_size']}) does not split into {heads} heads")
+
+
+def _positive_number(value: Any) -> bool:
+    return (value is None or isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
 
 
 def check_against_weights(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
