@@ -149,8 +149,7 @@ class Tokenizer:
             return f"\ue000{nonce}:{len(found) - 1}\ue001"
 
         control = self._control_pattern()
-        if control is not None:
-            messages = [_map_strings(m, lambda t: control.sub(hide, t)) for m in messages]
+        messages = [_map_strings(m, lambda t: control.sub(hide, t)) for m in messages]
         text = self.apply_chat_template(messages, **kwargs)
         if not found:
             return self.encode(text, add_special_tokens=False)
@@ -163,13 +162,13 @@ class Tokenizer:
                 ids += self.encode(found[int(part)], add_special_tokens=False, parse_special=False)
         return ids
 
-    def _control_pattern(self) -> re.Pattern | None:
+    def _control_pattern(self) -> re.Pattern:
+        """Matches the text of every special (control) token, longest first."""
         if self._control is None:
             added = self._tokenizer.get_added_tokens_decoder().values()
             texts = sorted({t.content for t in added if t.special and t.content}, key=len,
                            reverse=True)
-            self._control = re.compile("|".join(map(re.escape, texts))) if texts else re.compile(
-                r"(?!x)x")
+            self._control = re.compile("|".join(map(re.escape, texts)) or r"(?!)")
         return self._control
 
     def _text_or_empty(self, token_id: int | None) -> str:
