@@ -44,6 +44,21 @@ def test_abandoned_session_stream_cannot_overwrite_newer_turn(tiny):
     assert session.stats.cached_tokens > 0
 
 
+def test_abandoned_stream_then_its_own_conversation_again(tiny):
+    """As reported: the first conversation asked again must not reuse the newer one's K/V."""
+    model, tok = tiny
+    session = mlxgen.Session(model, tok)
+    first = [{"role": "user", "content": "The capital of France is"}]
+    old = session.stream_generate(first, max_tokens=20)
+    for _ in range(3):
+        next(old)
+    session.generate([{"role": "user", "content": "Paris is lovely in spring."}], max_tokens=12)
+    del old
+    gc.collect()
+    assert [r.token for r in session.stream_generate(first, max_tokens=6)] == fresh(
+        model, tok, first, max_tokens=6)
+
+
 def test_resuming_a_superseded_stream_is_an_error_and_leaves_the_session_alone(tiny):
     model, tok = tiny
     session = mlxgen.Session(model, tok)

@@ -59,3 +59,24 @@ def test_raw_prompt_and_chunks_literal(tokenizer):
     assert special & set(tok.encode(INJECTION, parse_special=True))
     plain = "The capital of Italy is Rome."
     assert tok.encode(plain, parse_special=False) == tok.encode(plain)
+
+
+@pytest.mark.slow
+def test_abandoned_stream_on_smollm2():
+    """Issue 19 item 1 as reported: a stream of one conversation left unfinished, a newer turn on
+    another conversation, the old generator collected, then the first conversation asked again:
+    the session must not reuse the newer conversation's K/V for it."""
+    import gc
+
+    model, tok = mlxgen.load(SMOLLM2_GGUF)
+    session = mlxgen.Session(model, tok)
+    italy = [{"role": "user", "content": "What is the capital of Italy?"}]
+    old = session.stream_generate(italy, max_tokens=30)
+    for _ in range(3):
+        next(old)
+    session.generate([{"role": "user", "content": "Write one line about the sea."}],
+                     max_tokens=30)
+    del old
+    gc.collect()
+    assert session.generate(italy, max_tokens=12) == mlxgen.generate(model, tok, italy,
+                                                                     max_tokens=12)
