@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-from . import settings
+from . import backends, settings
 from .errors import MlxgenError
 from .loading.pypi import DEFAULT_MODEL
 
@@ -56,7 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from . import load, stream_generate
+    from .generate import SamplingParams
+    from .tokenizer import check_text
 
+    sampling = dict(
+        max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        repetition_context_size=args.repetition_context_size, seed=args.seed, stop=args.stop,
+    )
+    SamplingParams(**sampling)  # bad options fail before the model is loaded
+    for flag in ("prompt", "chat", "system"):
+        if getattr(args, flag) is not None:  # invalid UTF-8 in argv arrives as lone surrogates
+            check_text(getattr(args, flag), f"--{flag}")
+    if args.prefill_chunk_size is not None:
+        settings.prefill_chunk_size(args.prefill_chunk_size)
     model, tokenizer = load(args.model, dtype=args.dtype, quantized=args.quantized, progress=True)
     if args.chat is not None:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [
@@ -66,11 +80,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompt = args.prompt
     response = None
     for response in stream_generate(
-        model, tokenizer, prompt, max_tokens=args.max_tokens, temperature=args.temp,
-        top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        repetition_context_size=args.repetition_context_size, seed=args.seed, stop=args.stop,
-        prefill_chunk_size=args.prefill_chunk_size,
+        model, tokenizer, prompt, prefill_chunk_size=args.prefill_chunk_size, **sampling
     ):
         print(response.text, end="", flush=True)
     print()
@@ -118,13 +128,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         logging.basicConfig(level=settings.log_level("INFO"), format="%(message)s")
-        settings.validate_all()
+        backends.check_environment()
         {"generate": cmd_generate, "info": cmd_info, "bench": cmd_bench}[args.command](args)
     except MlxgenError as e:
         print(f"mlxgen: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`mlxgen generate ... | head -1`): stop quietly with the status a
+        # tool killed by SIGPIPE has, and keep Python from complaining while it flushes stdout.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
     return 0
 
 

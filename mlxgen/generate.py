@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import mlx.core as mx
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.sample_utils import make_logits_processors
 
-from . import settings
+from . import backends, settings
 from .backends.metal.memory import wired_limit
 from .errors import ConfigError, MlxgenError, PromptTooLongError
 from .prefill import prefill
-from .tokenizer import Tokenizer
+from .sampling import StreamSampler
+from .tokenizer import Tokenizer, check_text
 
 # ... or a segment prompt [text, Chunk, ..., text] (mlxgen.reuse.compose).
 Prompt = str | Sequence[int] | Sequence[dict[str, Any]] | Sequence[Any]
@@ -65,26 +67,32 @@ class SamplingParams:
 
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise bad("max_tokens", "an integer >= 1")
-        if not _is_num(self.temperature) or self.temperature < 0:
-            raise bad("temperature", "a number >= 0 (0 means greedy)")
+        if not _is_num(self.temperature) or not 0 <= self.temperature < math.inf:
+            raise bad("temperature", "a finite number >= 0 (0 means greedy)")
         if not _is_num(self.top_p) or not 0 < self.top_p <= 1:
             raise bad("top_p", "in (0, 1] (1 disables it)")
         if not _is_int(self.top_k) or self.top_k < 0:
-            raise bad("top_k", "an integer >= 0 (0 disables it)")
+            raise bad("top_k", "an integer >= 0 (0, or >= the vocabulary size, disables it)")
         if not _is_num(self.min_p) or not 0 <= self.min_p <= 1:
             raise bad("min_p", "in [0, 1] (0 disables it)")
         if self.repetition_penalty is not None and (
-            not _is_num(self.repetition_penalty) or self.repetition_penalty <= 0
+            not _is_num(self.repetition_penalty) or not 0 < self.repetition_penalty < math.inf
         ):
-            raise bad("repetition_penalty", "a number > 0 (1 or None disables it)")
+            raise bad("repetition_penalty", "a finite number > 0 (1 or None disables it)")
         if not _is_int(self.repetition_context_size) or self.repetition_context_size < 1:
             raise bad("repetition_context_size", "an integer >= 1")
-        if self.seed is not None and not _is_int(self.seed):
-            raise bad("seed", "an integer or None")
+        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < 2**64):
+            raise bad("seed", "an integer in [0, 2**64) or None")
+        if self.stop is None:
+            self.stop = ()
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
-        if not all(isinstance(s, str) and s for s in self.stop):
-            raise bad("stop", "a list of non-empty strings")
+        if not isinstance(self.stop, (list, tuple)) or not all(
+            isinstance(s, str) and s for s in self.stop
+        ):
+            raise bad("stop", "a non-empty string, a list of non-empty strings, or None")
+        for s in self.stop:
+            check_text(s, "stop")
 
 
 def _is_int(x: Any) -> bool:
@@ -95,12 +103,20 @@ def _is_num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
 
 
-def prompt_tokens(tokenizer: Tokenizer, prompt: Prompt, vocab_size: int) -> list[int]:
-    """A string, chat messages (chat template applied) or token ids -> token ids."""
+def prompt_tokens(
+    tokenizer: Tokenizer, prompt: Prompt, vocab_size: int, parse_special: bool = False
+) -> list[int]:
+    """A string, chat messages (chat template applied) or token ids -> token ids.
+
+    Text is encoded literally: "<|im_end|>" typed by a user stays text. Only the chat template's
+    own control tokens are special. parse_special=True parses control tokens in a string prompt
+    (for callers who pass a template they rendered themselves)."""
+    if not isinstance(parse_special, bool):
+        raise ConfigError(f"parse_special must be True or False; got {parse_special!r}.")
     if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt)
+        ids = tokenizer.encode(check_text(prompt, "prompt"), parse_special=parse_special)
     elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
-        ids = tokenizer.encode(tokenizer.apply_chat_template(list(prompt)), add_special_tokens=False)
+        ids = tokenizer.encode_chat(list(prompt))
     elif isinstance(prompt, (list, tuple, mx.array)):
         ids = prompt.tolist() if isinstance(prompt, mx.array) else list(prompt)
         if not all(_is_int(t) and 0 <= t < vocab_size for t in ids):
@@ -123,7 +139,8 @@ def stream_generate(model, tokenizer: Tokenizer, prompt: Prompt, **kw: Any) -> I
     prompt tokens (mlxgen.Session manages one); only the rest is prefilled, and the cache keeps
     growing. cache_mode: "standard" or "pre-rope" for a new cache (default: the model's, chosen
     for this device at load). prefill_chunk_size: prompt tokens per prefill chunk. recompute,
-    recompute_strategy: for segment prompts (mlxgen.reuse)."""
+    recompute_strategy: for segment prompts (mlxgen.reuse). parse_special: parse control
+    tokens written in prompt text (off by default: text is encoded literally, see README)."""
     # Metal: the weights stay wired while generating (as mlx-lm); elsewhere nothing to do.
     with wired_limit(model) if model.runtime.wired_limit else contextlib.nullcontext():
         yield from _stream_generate(model, tokenizer, prompt, **kw)
@@ -139,6 +156,7 @@ def _stream_generate(
     cache_mode: str | None = None,
     recompute: float | None = None,
     recompute_strategy: str | None = None,
+    parse_special: bool = False,
     **sampling: Any,
 ) -> Iterator[GenerationResponse]:
     """stream_generate's body, run inside its memory context."""
@@ -146,12 +164,17 @@ def _stream_generate(
     from .reuse.recompute import check_strategy
 
     start = time.perf_counter()
+    backends.check_environment()
     params = SamplingParams(**sampling)
     settings.recompute_fraction(recompute)  # validated for every prompt form, used by segments
     if recompute_strategy is not None:
         check_strategy(recompute_strategy)
-    composed = plan(model, tokenizer, prompt) if is_segments(prompt) else None
-    ids = composed.ids if composed else prompt_tokens(tokenizer, prompt, model.args.vocab_size)
+    if is_segments(prompt):
+        composed = plan(model, tokenizer, prompt, parse_special=parse_special)
+        ids = composed.ids
+    else:
+        composed = None
+        ids = prompt_tokens(tokenizer, prompt, model.args.vocab_size, parse_special)
     cached = 0 if cache is None else cache[0].offset
     if composed is not None and cache is not None:
         raise ConfigError("a segment prompt builds its own cache; do not pass cache= with it.")
@@ -164,9 +187,8 @@ def _stream_generate(
             f"the prompt has {len(ids)} tokens but the model's context is {context}; shorten it."
         )
     max_tokens = min(params.max_tokens, context - len(ids))
-    if params.seed is not None:
-        mx.random.seed(params.seed)
-    sampler = make_sampler(params.temperature, params.top_p, params.min_p, top_k=params.top_k)
+    sampler = StreamSampler(params.temperature, params.top_p, params.min_p, params.top_k,
+                            params.seed)
     processors = make_logits_processors(
         repetition_penalty=params.repetition_penalty,
         repetition_context_size=params.repetition_context_size,

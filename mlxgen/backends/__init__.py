@@ -10,11 +10,20 @@ a backend's layer subclasses and ops, and records the choice (mlxgen/runtime.py)
 
 from __future__ import annotations
 
+from .. import settings
 from ..runtime import GPU_CHUNK, Runtime
 from . import cpu, device, metal
 from .swap import reset
 
 BACKENDS = ("cpu", "metal", "cuda", "mlx")
+
+
+def check_environment() -> None:
+    """Every MLXGEN_* variable parsed, and what they demand of this device checked: load and
+    generate call this first."""
+    settings.validate_all()
+    if settings.kernels_mode() == "on":  # the README promises an error where Metal kernels cannot run
+        metal.mode.require_available("MLXGEN_KERNELS=on")
 
 
 def prepare(model, backend: str | None = None) -> Runtime:
@@ -34,4 +43,4 @@ def prepare(model, backend: str | None = None) -> Runtime:
     return runtime
 
 
-__all__ = ["BACKENDS", "Runtime", "cpu", "device", "metal", "prepare"]
+__all__ = ["BACKENDS", "Runtime", "check_environment", "cpu", "device", "metal", "prepare"]

@@ -51,7 +51,7 @@ def run_rag(model, tokenizer, fractions: Sequence[float], strategy: str, reps: i
     questions = []
     for qi, question in enumerate(QUESTIONS[:n_questions]):
         segments = rag_segments(tokenizer, store, question, docs, doc_tokens)
-        ids = plan(model, tokenizer, segments).ids
+        ids = plan(model, tokenizer, segments, parse_special=True).ids  # template head/tail
         cont, ref, first = reference(model, ids, stop=stop)
         cold = statistics.median([first] + [reference(model, ids, 1)[2] for _ in range(reps - 1)])
         questions.append({"prompt_tokens": len(ids), "cold_ttft_s": cold,

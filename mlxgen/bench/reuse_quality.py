@@ -38,7 +38,8 @@ class Quality:
 def rag_segments(tokenizer, store: ChunkStore, question: str, docs: Sequence[str] = DOCS,
                  doc_tokens: int = 512, system: str = SYSTEM) -> list:
     """[chat-template head, doc 1, sep, doc 2, ..., question + template tail] with each document
-    a stored chunk of exactly `doc_tokens` tokens."""
+    a stored chunk of exactly `doc_tokens` tokens. The head and tail are rendered template text:
+    compose them with parse_special=True."""
     marker = "\x00DOCS\x00"
     rendered = tokenizer.apply_chat_template([
         {"role": "system", "content": system},
@@ -110,7 +111,7 @@ def composed_quality(model, tokenizer, segments: list, continuation: Sequence[in
                      **run_kw) -> tuple[Quality, float, int]:
     """(quality, TTFT of composition + first logits, cached tokens) for one segment prompt."""
     start = time.perf_counter()
-    composition = plan(model, tokenizer, segments)
+    composition = plan(model, tokenizer, segments, parse_special=True)  # rag_segments: template text
     cache, logits = composition.run(model, **run_kw)
     mx.eval(logits)
     ttft = time.perf_counter() - start

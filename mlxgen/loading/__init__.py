@@ -17,10 +17,10 @@ from tqdm import tqdm
 
 from .. import backends
 from ..backends import device
-from ..errors import ModelLoadError
+from ..errors import MlxgenError, ModelLoadError
 from ..models import model_from_config
 from ..tokenizer import Tokenizer
-from . import hf, pypi
+from . import hf, limits, pypi
 from .quantized import dequantize_model
 
 
@@ -45,12 +45,15 @@ def load(
     dtype: "auto" (float32 on CPU, float16 on GPU), "float32", "float16" or "bfloat16".
     quantized: "auto" (dequantize on the CPU, keep on a GPU), "keep" or "dequantize".
     """
+    backends.check_environment()
     with tqdm(total=2, desc=f"loading {source}", unit="step", disable=not progress) as bar:
         bar.set_postfix_str("reading weights and tokenizer")
         config, weights, quantization, tokenizer, info = _read_source(str(source), progress)
         bar.update()
         bar.set_postfix_str("building model")
-        model = build_model(config, weights, quantization, dtype=dtype, quantized=quantized)
+        described = str(Path(info.path) / "config.json") if info.format == "hf" else info.path
+        model = build_model(config, weights, quantization, dtype=dtype, quantized=quantized,
+                            source=described)
         bar.update()
         bar.set_postfix_str("")
     model.info = info
@@ -95,7 +98,14 @@ def _read_hf(path: Path, source: str):
 def _read_gguf(path: Path, source: str):
     from .gguf import read_gguf
 
-    contents = read_gguf(path)
+    try:
+        contents = read_gguf(path)
+    except (MlxgenError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - a safety net: a malformed file is a load error
+        raise ModelLoadError(
+            f"{path}: malformed GGUF file ({type(e).__name__}: {e}); re-download or re-convert it."
+        ) from None
     parts = contents.tokenizer
     tokenizer = Tokenizer(
         parts.tokenizer,
@@ -132,10 +142,21 @@ def build_model(
     *,
     dtype: str | None = None,
     quantized: str | None = None,
+    source: str = "the model config",
 ) -> nn.Module:
     """Construct the model for `config`, load `weights` (HF names) into it, checked, and prepare
-    it for this device (mlxgen/backends: the one place where the backend is chosen)."""
-    model = model_from_config(config)
+    it for this device (mlxgen/backends: the one place where the backend is chosen). source
+    names the files in error messages."""
+    limits.check_config(config, source)
+    limits.check_against_weights(config, {k: tuple(v.shape) for k, v in weights.items()}, source)
+    try:
+        model = model_from_config(config)
+    except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError, OverflowError,
+            IndexError) as e:
+        if isinstance(e, MlxgenError):
+            raise
+        raise ModelLoadError(f"{source}: a config value is invalid ({type(e).__name__}: {e}); "
+                             "the file is corrupt or not a supported model.") from None
     weights = model.sanitize(dict(weights))
     if quantization:
         nn.quantize(model, class_predicate=_quantized_here(weights, quantization))

@@ -21,6 +21,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, LlamaFileType
 from gguf.quants import dequantize as gguf_dequantize
 
 from ..errors import ModelLoadError, UnsupportedModelError
+from . import limits
 from .gguf_tokenizer import TokenizerParts, tokenizer_from_gguf
 
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}
@@ -59,8 +60,15 @@ class GGUFContents:
 
 
 class _Cursor:
+    """Reads GGUF values; every count is checked against the bytes left before it is used."""
+
+    MAX_DEPTH = 4  # arrays of arrays: real files nest at most one level
+
     def __init__(self, buf: mmap.mmap):
         self.buf, self.pos = buf, 0
+
+    def left(self) -> int:
+        return len(self.buf) - self.pos
 
     def u32(self) -> int:
         self.pos += 4
@@ -70,31 +78,43 @@ class _Cursor:
         self.pos += 8
         return struct.unpack_from("<Q", self.buf, self.pos - 8)[0]
 
+    def count(self, n: int, min_bytes: int, what: str) -> int:
+        """n items of at least min_bytes each must fit in the rest of the file."""
+        if n * min_bytes > self.left():
+            raise ValueError(f"{what} count {n} cannot fit in the {self.left()} bytes left")
+        return n
+
     def string(self) -> str:
         n = self.u64()
-        if self.pos + n > len(self.buf):
+        if n > self.left():
             raise EOFError
         self.pos += n
         return self.buf[self.pos - n : self.pos].decode("utf-8", errors="replace")
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
+            if depth >= self.MAX_DEPTH:
+                raise ValueError(f"arrays nested deeper than {self.MAX_DEPTH} levels")
             etype, count = self.u32(), self.u64()
             if etype in _VALUE_DTYPES:  # numeric arrays in one vectorized read
                 dt = np.dtype(_VALUE_DTYPES[etype])
-                if self.pos + count * dt.itemsize > len(self.buf):
-                    raise EOFError
+                self.count(count, dt.itemsize, "array")
                 arr = np.frombuffer(self.buf, dt, count, self.pos)
                 self.pos += count * dt.itemsize
                 return arr.tolist()
-            return [self.value(etype) for _ in range(count)]
+            self.count(count, 8 if etype == _STRING else 12, "array")  # a length / type+count
+            return [self.value(etype, depth + 1) for _ in range(count)]
         dt = np.dtype(_VALUE_DTYPES[vtype])  # KeyError: unknown value type
         value = np.frombuffer(self.buf, dt, 1, self.pos)[0]
         self.pos += dt.itemsize
         # float32 -> shortest decimal that round-trips (1e-05, not 9.999999747378752e-06)
         return float(str(value)) if vtype == 6 else value.item()
+
+
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_ALIGNMENT = 1 << 16
 
 
 def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
@@ -120,6 +140,8 @@ def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
                 "means a big-endian file). Re-convert it with a recent llama.cpp."
             )
         n_tensors, n_kv = cur.u64(), cur.u64()
+        cur.count(n_kv, 12, "metadata key")  # key length + value type, at least
+        cur.count(n_tensors, 24, "tensor")  # name length + dims count + type + offset
         meta = {}
         for _ in range(n_kv):
             key = cur.string()
@@ -127,7 +149,10 @@ def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
         raw_infos = []
         for _ in range(n_tensors):
             name = cur.string()
-            ne = [cur.u64() for _ in range(cur.u32())]
+            n_dims = cur.u32()
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise ValueError(f"tensor {name} has {n_dims} dimensions (GGUF allows 1-{MAX_DIMS})")
+            ne = [cur.u64() for _ in range(n_dims)]
             raw_infos.append((name, ne, cur.u32(), cur.u64()))
     except (EOFError, struct.error, ValueError) as e:
         raise ModelLoadError(
@@ -138,7 +163,11 @@ def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
         raise ModelLoadError(
             f"{path}: GGUF header has unknown value type {e}; the file is corrupt, re-download it."
         ) from None
-    align = int(meta.get("general.alignment", 32))
+    align = meta.get("general.alignment", 32)
+    if not (isinstance(align, int) and not isinstance(align, bool) and 0 < align <= MAX_ALIGNMENT
+            and align & (align - 1) == 0):
+        raise ModelLoadError(f"{path}: general.alignment must be a power of two up to "
+                             f"{MAX_ALIGNMENT}; got {align!r}. The file is corrupt; re-download it.")
     data_start = -(-cur.pos // align) * align
     tensors = []
     for name, ne, type_id, off in raw_infos:
@@ -149,9 +178,13 @@ def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
                 f"{path}: tensor {name} has unknown GGML type id {type_id}; this gguf package is "
                 "too old for the file, or the file is corrupt."
             ) from None
-        block, type_size = GGML_QUANT_SIZES[qtype]
-        if not ne or ne[0] % block:
-            raise ModelLoadError(f"{path}: tensor {name} has a corrupt shape {ne}; re-download.")
+        block, type_size = GGML_QUANT_SIZES.get(qtype, (0, 0))
+        if not block:
+            raise UnsupportedModelError(f"{path}: tensor {name} has GGML type {qtype.name}, which "
+                                        "holds no weights mlxgen can read.")
+        if not ne or ne[0] % block or min(ne) < 1 or math.prod(ne) * type_size > len(buf) * block:
+            raise ModelLoadError(f"{path}: tensor {name} has a corrupt shape {ne} for a file of "
+                                 f"{len(buf)} bytes; re-download.")
         nbytes = math.prod(ne) // block * type_size
         tensors.append(TensorInfo(name, tuple(reversed(ne)), qtype, data_start + off, nbytes))
     need = max((t.offset + t.nbytes for t in tensors), default=data_start)
@@ -262,8 +295,10 @@ def _unpermute_rows(x: mx.array, n_head: int) -> mx.array:
     return mx.swapaxes(y, 1, 2).reshape(x.shape)
 
 
-def _config(meta: dict, arch: str, names: set[str], vocab_size: int, path: Path) -> dict:
-    def get(key: str, default: Any = KeyError) -> Any:
+def _config(meta: dict, arch: str, names, vocab_size: int, path: Path) -> dict:
+    """HF-style config from GGUF metadata; names: the tensor names (or a name -> shape mapping,
+    then the config is also checked against the tensor shapes, mlxgen/loading/limits.py)."""
+    def get(key: str, default: Any = KeyError, kind: type = int) -> Any:
         value = meta.get(f"{arch}.{key}", default)
         if value is KeyError:
             raise ModelLoadError(
@@ -271,47 +306,82 @@ def _config(meta: dict, arch: str, names: set[str], vocab_size: int, path: Path)
                 "incomplete or from an incompatible converter. Re-convert it with llama.cpp."
             )
         if isinstance(value, list):  # per-layer arrays: fine only when uniform
+            if not value or not all(type(v) is type(value[0]) for v in value):
+                raise ModelLoadError(f"{path}: '{arch}.{key}' is a malformed per-layer array.")
             if len(set(value)) != 1:
                 raise UnsupportedModelError(f"{path}: per-layer '{arch}.{key}' is not supported.")
             value = value[0]
-        return value
+        if value is None or value is default or kind is str:
+            return value
+        ok = limits.is_int(value) if kind is int else (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+        if not ok:
+            raise ModelLoadError(f"{path}: GGUF metadata '{arch}.{key}' must be "
+                                 f"{'an integer' if kind is int else 'a finite number'}, got "
+                                 f"{value!r}; the file is corrupt. Re-download or re-convert it.")
+        return kind(value)
 
-    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
+    hidden, heads = get("embedding_length"), get("attention.head_count")
+    if not limits.is_int(heads) or heads < 1:
+        raise ModelLoadError(f"{path}: GGUF metadata '{arch}.attention.head_count' must be >= 1; "
+                             f"got {heads!r}. The file is corrupt; re-download it.")
     moe = arch == "qwen3moe"
     config = {
         "model_type": ARCHITECTURES[arch],
         "hidden_size": hidden,
-        "num_hidden_layers": int(get("block_count")),
-        "intermediate_size": int(get("feed_forward_length", None if moe else KeyError) or 0),
+        "num_hidden_layers": get("block_count"),
+        "intermediate_size": get("feed_forward_length", None if moe else KeyError) or 0,
         "num_attention_heads": heads,
-        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
-        "head_dim": int(get("attention.key_length", hidden // heads)),
-        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
+        "num_key_value_heads": get("attention.head_count_kv", heads),
+        "head_dim": get("attention.key_length", hidden // heads),
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", kind=float),
         "vocab_size": vocab_size,
-        "rope_theta": float(get("rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(get("context_length")),
+        "rope_theta": get("rope.freq_base", 10000.0, kind=float),
+        "max_position_embeddings": get("context_length"),
         "tie_word_embeddings": "output.weight" not in names,
         "rope_scaling": None,
         "rope_freq_factors": None,
     }
-    scaling = get("rope.scaling.type", "none")
+    scaling = get("rope.scaling.type", "none", kind=str)
     if scaling == "linear":
-        factor = float(get("rope.scaling.factor"))
+        factor = get("rope.scaling.factor", kind=float)
         config["rope_scaling"] = {"rope_type": "linear", "factor": factor}
     elif scaling != "none":  # passed on so the model can refuse it by name
         config["rope_scaling"] = {
-            "rope_type": scaling, "factor": float(get("rope.scaling.factor", 1.0)),
+            "rope_type": scaling, "factor": get("rope.scaling.factor", 1.0, kind=float),
             "original_max_position_embeddings": get("rope.scaling.original_context_length", None),
         }
     if moe:
         config.update(
-            num_experts=int(get("expert_count")),
-            num_experts_per_tok=int(get("expert_used_count")),
-            moe_intermediate_size=int(get("expert_feed_forward_length")),
+            num_experts=get("expert_count"),
+            num_experts_per_tok=get("expert_used_count"),
+            moe_intermediate_size=get("expert_feed_forward_length"),
             norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
         )
         config["intermediate_size"] = config["intermediate_size"] or config["moe_intermediate_size"]
+    keys = {**{field: f"GGUF metadata '{arch}.{key}'" for field, key in _GGUF_KEYS.items()},
+            "vocab_size": "the GGUF vocabulary (tokenizer.ggml.tokens)"}
+    limits.check_config(config, str(path), keys)
+    if isinstance(names, dict):
+        shapes = {}
+        for name, shape in names.items():
+            try:
+                module, suffix = hf_module_name(name)
+            except UnsupportedModelError:
+                continue  # rope_freqs and the like; unknown names are refused when loaded
+            shapes[f"{module}.{suffix}"] = shape
+        limits.check_against_weights(config, shapes, str(path), keys)
     return config
+
+
+_GGUF_KEYS = {
+    "hidden_size": "embedding_length", "num_hidden_layers": "block_count",
+    "intermediate_size": "feed_forward_length", "num_attention_heads": "attention.head_count",
+    "num_key_value_heads": "attention.head_count_kv", "head_dim": "attention.key_length",
+    "rms_norm_eps": "attention.layer_norm_rms_epsilon", "rope_theta": "rope.freq_base",
+    "max_position_embeddings": "context_length", "num_experts": "expert_count",
+    "num_experts_per_tok": "expert_used_count", "moe_intermediate_size": "expert_feed_forward_length",
+}
 
 
 def read_gguf(path: str | os.PathLike, dequantize: bool = False) -> GGUFContents:
@@ -326,7 +396,7 @@ def read_gguf(path: str | os.PathLike, dequantize: bool = False) -> GGUFContents
             f"{', '.join(ARCHITECTURES)}. Use a model of one of these families."
         )
     tokenizer = tokenizer_from_gguf(meta)
-    names = {t.name for t in header.tensors}
+    names = {t.name: t.shape for t in header.tensors}
     config = _config(meta, arch, names, len(meta["tokenizer.ggml.tokens"]), path)
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlx.core as mx
 
 from ..errors import ModelLoadError, UnsupportedModelError
+from ..jsonfile import read_json
+from .limits import check_config
 
 
 def read_config(path: Path) -> dict:
@@ -17,12 +18,10 @@ def read_config(path: Path) -> dict:
             f"{path} has no config.json; point mlxgen at a Hugging Face model directory, a .gguf "
             "file, a repo id or ollama:NAME."
         )
-    try:
-        config = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{file} is not valid JSON ({e}); re-download the model.") from None
+    config = read_json(file)
     if not isinstance(config, dict):
         raise ModelLoadError(f"{file} must hold a JSON object; re-download the model.")
+    check_config(config, str(file))
     return config
 
 
@@ -30,10 +29,12 @@ def weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            weight_map = read_json(index)["weight_map"]
+            files = [path / name for name in sorted(set(weight_map.values()))]
+            if any(f.parent != path for f in files):
+                raise ValueError("a shard name leaves the model directory")
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ModelLoadError(f"{index} is malformed ({e}); re-download the model.") from None
-        files = [path / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.exists()]
         if missing:
             raise ModelLoadError(

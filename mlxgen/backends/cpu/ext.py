@@ -27,7 +27,7 @@ from functools import cache
 from pathlib import Path
 from types import ModuleType
 
-from ... import settings
+from ... import settings, trust
 from ..sources import read_source
 
 log = logging.getLogger("mlxgen")
@@ -79,7 +79,9 @@ def build() -> Path:
     """Build the extension into build_dir() (a no-op when already built); return the library."""
     out = build_dir()
     if lib := _find_built(out):
-        return lib
+        if trust.safe_to_load(lib):
+            return lib
+        out = _set_aside_untrusted(out, lib)
     cmake = shutil.which("cmake") or shutil.which("cmake", path=str(Path(sys.executable).parent))
     if cmake is None:
         raise CpuKernelBuildError("cmake was not found on PATH; install cmake (apt or pip).")
@@ -119,7 +121,23 @@ def build() -> Path:
     except OSError:
         pass  # another process finished first: use its build
     shutil.rmtree(work, ignore_errors=True)
-    return _find_built(out) or lib
+    found = _find_built(out)
+    if found is None or not trust.safe_to_load(found):
+        raise CpuKernelBuildError(f"the CPU kernel library in {out} is not safe to load: "
+                                  f"{trust.untrusted_reason(found or out)}.")
+    return found
+
+
+def _set_aside_untrusted(out: Path, lib: Path) -> Path:
+    # Never import a library someone else could have written: move it away and build afresh.
+    log.warning("mlxgen: not loading %s (%s); rebuilding the CPU kernels.", lib,
+                trust.untrusted_reason(lib))
+    try:
+        out.rename(out.with_name(f"{out.name}.untrusted-{os.getpid()}"))
+    except OSError as e:
+        raise CpuKernelBuildError(f"{lib} is not safe to load ({trust.untrusted_reason(lib)}) and "
+                                  f"cannot be moved aside ({e}); delete {out}.") from None
+    return out
 
 
 def _import(lib: Path) -> ModuleType:
