@@ -7,9 +7,9 @@ import order; it costs nothing until something imports `mlx`. Opt out with MLXGE
 point MLXGEN_BLAS at a specific library file. Kept stdlib-only: it runs in every interpreter.
 
 OpenBLAS picks its kernels per CPU when it loads; releases older than the CPU (Debian 12 ships
-0.3.21) run AMD Zen 4/5 on their AVX2 (Haswell) kernels. On an AMD CPU with AVX-512, unless
-OPENBLAS_CORETYPE is already set, it is set to SKYLAKEX for the load (the AVX-512 kernels newer
-OpenBLAS picks there itself): float32 matmul 1.6-1.9x faster on a Zen 5 VM (bench/NOTES.md)."""
+0.3.21) run AMD Zen 4/5 on their AVX2 (Haswell) kernels and a new Intel Xeon on SSE3 (Prescott)
+ones. On an x86 CPU with AVX-512, unless OPENBLAS_CORETYPE is already set, it is set to SKYLAKEX
+for the load (the AVX-512 kernels newer OpenBLAS picks there itself; bench/NOTES.md)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,9 @@ AVX512 = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
 
 def coretype_for(cpuinfo: str, environ=os.environ) -> str | None:
     """The OPENBLAS_CORETYPE to load OpenBLAS with, from /proc/cpuinfo's text: SKYLAKEX on an
-    AMD CPU with AVX-512, None otherwise or when the user set OPENBLAS_CORETYPE."""
+    x86 CPU with AVX-512 (AMD or Intel: an OpenBLAS older than the CPU falls back to older
+    kernels, down to SSE3 "Prescott" on a new Xeon), None otherwise or when the user set
+    OPENBLAS_CORETYPE."""
     if environ.get("OPENBLAS_CORETYPE"):
         return None
     fields = {}
@@ -46,8 +48,8 @@ def coretype_for(cpuinfo: str, environ=os.environ) -> str | None:
         fields.setdefault(key.strip(), value.strip())
         if "vendor_id" in fields and "flags" in fields:  # the first CPU's entries suffice
             break
-    amd = fields.get("vendor_id") == "AuthenticAMD"
-    return "SKYLAKEX" if amd and AVX512 <= set(fields.get("flags", "").split()) else None
+    x86 = fields.get("vendor_id") in ("AuthenticAMD", "GenuineIntel")
+    return "SKYLAKEX" if x86 and AVX512 <= set(fields.get("flags", "").split()) else None
 
 
 def _cpuinfo() -> str:

@@ -148,7 +148,8 @@ ZEN5 = CPUINFO.format(vendor="AuthenticAMD", flags="avx512f avx512cd avx512bw av
         (CPUINFO.format(vendor="AuthenticAMD", flags="avx512f avx512cd"), {}, None),  # partial AVX-512
         (CPUINFO.format(vendor="AuthenticAMD", flags=""), {}, None),  # Zen 3: AVX2 only
         (CPUINFO.format(vendor="GenuineIntel", flags="avx512f avx512cd avx512bw avx512dq avx512vl"),
-         {}, None),  # OpenBLAS recognises Intel's AVX-512 CPUs itself
+         {}, "SKYLAKEX"),  # a Xeon newer than OpenBLAS 0.3.21 got its SSE3 kernels otherwise
+        (CPUINFO.format(vendor="GenuineIntel", flags=""), {}, None),  # AVX2 Intel: OpenBLAS knows it
         ("", {}, None),  # no /proc/cpuinfo
     ],
 )
