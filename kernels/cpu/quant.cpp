@@ -19,6 +19,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
@@ -37,7 +41,6 @@ typedef float qvf __attribute__((vector_size(L * 4)));
 typedef int32_t qvi __attribute__((vector_size(L * 4)));
 typedef uint32_t qvu __attribute__((vector_size(L * 4)));
 typedef uint8_t qvb __attribute__((vector_size(L * 4)));  // the bytes of a qvu
-typedef uint8_t src16 __attribute__((vector_size(16)));
 
 enum class ScaleType { f32, f16, bf16 };
 
@@ -54,21 +57,34 @@ inline float scale_at(const void* p, ScaleType t, int64_t i) {
   }
 }
 
-inline qvf qsplat(float v) { return qvf{} + v; }
+inline qvf qsplat(float v) { return v - qvf{}; }  // v - 0 == v always: folds to a broadcast
+
+// a * b + c in one rounding where the CPU has FMA (this file is built with contraction off).
+inline qvf fmadd(qvf a, qvf b, qvf c) {
+#if defined(__AVX512F__)
+  return _mm512_fmadd_ps(a, b, c);
+#elif defined(__FMA__)
+  return _mm256_fmadd_ps(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
 inline qvf qload(const float* p) { qvf v; std::memcpy(&v, p, sizeof(v)); return v; }
 inline void qstore(float* p, qvf v) { std::memcpy(p, &v, sizeof(v)); }
 
 // Lane i of an unpacked vector holds value i of L consecutive values, which start at bit B * i
-// of the L * B / 8 bytes read: byte (B * i) / 8 and the next hold it whole (B <= 8). Byte k of
-// the window vector is that byte pair zero-extended to 32 bits (index 16 picks a zero).
+// of the L * B / 8 bytes used: byte (B * i) / 8 and the next hold it whole (B <= 8). Byte k of
+// the window vector is that byte pair zero-extended to 32 bits (index L * 4 picks a zero).
 constexpr int window_index(int bits, int k) {
   int lane = k / 4, t = k % 4, byte = bits * lane / 8 + t, used = L * bits / 8;
-  return t >= 2 || byte >= used || byte >= 16 ? 16 : byte;
+  return t >= 2 || byte >= used ? L * 4 : byte;
 }
 
 template <int B, int... K>
-inline qvu windows(src16 s, std::integer_sequence<int, K...>) {
-  qvb b = __builtin_shufflevector(s, src16{}, window_index(B, K)...);
+inline qvu windows(qvb s, std::integer_sequence<int, K...>) {
+  // One byte permute (vpermt2b with AVX-512 VBMI) from a full-width load: a narrower load
+  // widened here goes through the stack.
+  qvb b = __builtin_shufflevector(s, qvb{}, window_index(B, K)...);
   qvu u;
   std::memcpy(&u, &b, sizeof(u));
   return u;
@@ -81,14 +97,76 @@ constexpr qvu lane_shifts() {
   return v;
 }
 
-// The L codes packed in the L * B / 8 bytes at p, as floats. Reads 16 bytes from p.
+constexpr int64_t kRead = L * 4;  // bytes unpack reads
+
+// The L codes packed in the L * B / 8 bytes at p, as floats. Reads kRead bytes from p.
 template <int B>
 inline qvf unpack(const uint8_t* p) {
-  src16 s;
-  std::memcpy(&s, p, 16);
+  qvb s;
+  std::memcpy(&s, p, kRead);
   qvu u = windows<B>(s, std::make_integer_sequence<int, L * 4>{});
   qvi q = (qvi)((u >> lane_shifts<B>()) & ((1u << B) - 1));
   return __builtin_convertvector(q, qvf);
+}
+
+typedef uint8_t qvb8 __attribute__((vector_size(L)));
+
+// Values per block for qmatvec's unpacking. 8-bit: L codes, one byte each, in order. 4-bit: the L
+// low then the L high nibbles of L bytes, i.e. values 0, 2, .., 2L - 2 then 1, 3, .., 2L - 1 of
+// the block (x is permuted to match): a zero-extending load and a mask or shift, no byte permute.
+// Other widths: unpack()'s L values in order.
+template <int B>
+constexpr int kBlock = B == 4 ? 2 * L : L;
+
+// The L bytes at p zero-extended to 32-bit lanes (GCC scalarizes the generic conversion).
+inline qvi zext_bytes(const uint8_t* p) {
+#if defined(__AVX512F__)
+  return (qvi)_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#elif defined(__AVX2__)
+  return (qvi)_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+#else
+  qvb8 b;
+  std::memcpy(&b, p, L);
+  return __builtin_convertvector(b, qvi);
+#endif
+}
+
+template <int B>
+inline void unpack_block(const uint8_t* p, qvf* c) {
+  if constexpr (B == 8 || B == 4) {
+    qvi u = zext_bytes(p);
+    if constexpr (B == 8) {
+      c[0] = __builtin_convertvector(u, qvf);
+    } else {
+      c[0] = __builtin_convertvector(u & 15, qvf);
+      c[1] = __builtin_convertvector(u >> 4, qvf);
+    }
+  } else {
+    c[0] = unpack<B>(p);
+  }
+}
+
+// x in the value order unpack_block gives (a copy for 4 bits, x itself otherwise).
+template <int B>
+const float* block_order(const float* x, int64_t size, std::vector<float>& buf) {
+  if constexpr (B != 4) {
+    return x;
+  } else {
+    buf.resize(size);
+    for (int64_t b = 0; b < size; b += 2 * L)
+      for (int i = 0; i < L; ++i) buf[b + i] = x[b + 2 * i], buf[b + L + i] = x[b + 2 * i + 1];
+    return buf.data();
+  }
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  qvf acc = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) acc = fmadd(qload(a + i), qload(b + i), acc);
+  float t = 0.0f;
+  for (int l = 0; l < L; ++l) t += acc[l];
+  for (; i < n; ++i) t += a[i] * b[i];
+  return t;
 }
 
 // Weights and their dimensions, as one kernel call sees them.
@@ -98,42 +176,55 @@ struct QWeight {
   const void* biases;
   ScaleType st;
   int64_t n, k, gs;
-  const uint8_t* end;  // one past the packed codes: unpack reads 16 bytes, never past here
+  const uint8_t* end;  // one past the packed codes: unpack reads kRead bytes, never past here
 };
 
-// A group's packed bytes, copied into `pad` when a 16-byte read from its last vector would pass
-// the end of the array (only the matrix's last few groups).
+// A group's packed bytes, copied into `pad` when a kRead-byte read from its last vector would
+// pass the end of the array (only the matrix's last few groups).
 inline const uint8_t* group_bytes(const QWeight& q, const uint8_t* p, int64_t nbytes, uint8_t* pad) {
-  if (p + nbytes + 16 <= q.end) return p;
+  if (p + nbytes + kRead <= q.end) return p;
   std::memcpy(pad, p, nbytes);
   return pad;
 }
 
+// Row j's G scales (or biases) as float32: in place, or converted into buf.
+inline const float* row_floats(const void* p, ScaleType st, int64_t j, int64_t G, float* buf) {
+  if (st == ScaleType::f32) return static_cast<const float*>(p) + j * G;
+  for (int64_t g = 0; g < G; ++g) buf[g] = scale_at(p, st, j * G + g);
+  return buf;
+}
+
 // y[r, j] = sum_g scale[j, g] * (x[r, g] . codes[j, g]) + bias[j, g] * xsum[r, g] for M rows of x
-// (row stride k) and output rows j0 <= j < j1 (row stride n): the codes are unpacked once per
-// row of w and used by all M rows of x.
+// (row stride k, in block_order) and output rows j0 <= j < j1 (row stride n): the codes are
+// unpacked once per row of w and used by all M rows of x.
 template <int B, int GS, int M>
 void qmatvec_rows(const QWeight& q, const float* x, const float* xsum, float* y, int64_t j0, int64_t j1) {
+  constexpr int NB = kBlock<B>, NV = NB / L;
   const int64_t k = q.k, G = k / GS, row_bytes = k * B / 8, gbytes = GS * B / 8;
-  alignas(64) uint8_t pad[GS + 16] = {};
+  alignas(64) uint8_t pad[GS + kRead] = {};
+  std::vector<float> sbuf(G), bbuf(G);
   for (int64_t j = j0; j < j1; ++j) {
     const uint8_t* wj = q.w + j * row_bytes;
+    const float* sc = row_floats(q.scales, q.st, j, G, sbuf.data());
     qvf acc[M] = {};
     for (int64_t g = 0; g < G; ++g) {
-      const uint8_t* p = group_bytes(q, wj + g * gbytes, gbytes, pad);
+      // Only the generic unpack reads past a block; 4 and 8 bits read exactly their bytes.
+      const uint8_t* p = (B == 4 || B == 8) ? wj + g * gbytes : group_bytes(q, wj + g * gbytes, gbytes, pad);
       qvf part[M] = {};
-      for (int v = 0; v < GS; v += L) {
-        qvf c = unpack<B>(p + v * B / 8);
-        for (int r = 0; r < M; ++r) part[r] += qload(x + r * k + g * GS + v) * c;
+      for (int v = 0; v < GS; v += NB) {
+        qvf c[NV];
+        unpack_block<B>(p + v * B / 8, c);
+        for (int t = 0; t < NV; ++t)
+          for (int r = 0; r < M; ++r) part[r] = fmadd(qload(x + r * k + g * GS + v + t * L), c[t], part[r]);
       }
-      qvf s = qsplat(scale_at(q.scales, q.st, j * G + g));
-      for (int r = 0; r < M; ++r) acc[r] += part[r] * s;
+      qvf s = qsplat(sc[g]);
+      for (int r = 0; r < M; ++r) acc[r] = fmadd(part[r], s, acc[r]);
     }
+    const float* bi = row_floats(q.biases, q.st, j, G, bbuf.data());
     for (int r = 0; r < M; ++r) {
       float t = 0.0f;
       for (int i = 0; i < L; ++i) t += acc[r][i];
-      for (int64_t g = 0; g < G; ++g) t += scale_at(q.biases, q.st, j * G + g) * xsum[r * G + g];
-      y[r * q.n + j] = t;
+      y[r * q.n + j] = t + dot(bi, xsum + r * G, G);
     }
   }
 }
@@ -156,7 +247,7 @@ void qmatvec_range(const QWeight& q, const float* x, const float* xsum, float* y
 template <int B>
 void dequantize_range(const QWeight& q, float* out, int64_t j0, int64_t j1) {
   const int64_t k = q.k, gs = q.gs, G = k / gs, row_bytes = k * B / 8, gbytes = gs * B / 8;
-  alignas(64) uint8_t pad[128 + 16] = {};
+  alignas(64) uint8_t pad[128 + kRead] = {};
   for (int64_t j = j0; j < j1; ++j) {
     for (int64_t g = 0; g < G; ++g) {
       const uint8_t* p = group_bytes(q, q.w + j * row_bytes + g * gbytes, gbytes, pad);
@@ -187,8 +278,10 @@ void qmatvec_gs(const QWeight& q, const float* x, float* y, int64_t m, int threa
     for (int v = 0; v < GS; ++v) t += x[i * GS + v];
     xsum[i] = t;
   }
+  std::vector<float> buf;
+  const float* xb = block_order<B>(x, m * q.k, buf);
   parallel_rows(q.n, q.n * q.k, threads,
-                [&](int64_t j0, int64_t j1) { qmatvec_range<B, GS>(q, x, xsum.data(), y, m, j0, j1); });
+                [&](int64_t j0, int64_t j1) { qmatvec_range<B, GS>(q, xb, xsum.data(), y, m, j0, j1); });
 }
 
 template <int B>
@@ -273,6 +366,7 @@ int64_t check_weight(const char* op, const mx::array& w, const mx::array& scales
   if (words * 32 % bits) bad(p + "w's row of " + std::to_string(words) + " words does not hold whole " +
                              std::to_string(bits) + "-bit values.");
   int64_t k = words * 32 / bits;
+  if (n < 1 || k < 1) bad(p + "w must have at least one row and one group of values.");
   if (k % group_size) bad(p + "w's rows hold " + std::to_string(k) + " values, not a multiple of group_size " +
                           std::to_string(group_size) + ".");
   mx::Shape want = {static_cast<int>(n), static_cast<int>(k / group_size)};
