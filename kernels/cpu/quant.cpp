@@ -244,6 +244,13 @@ void qmatvec_range(const QWeight& q, const float* x, const float* xsum, float* y
   }
 }
 
+// Interleaves a and b: a[0], b[0], a[1], b[1], ... (the low and high nibbles of L bytes).
+template <int... I>
+inline void store_interleaved(float* o, qvf a, qvf b, std::integer_sequence<int, I...>) {
+  qstore(o, __builtin_shufflevector(a, b, (I % 2 ? L + I / 2 : I / 2)...));
+  qstore(o + L, __builtin_shufflevector(a, b, (I % 2 ? L + (L + I) / 2 : (L + I) / 2)...));
+}
+
 template <int B>
 void dequantize_range(const QWeight& q, float* out, int64_t j0, int64_t j1) {
   const int64_t k = q.k, gs = q.gs, G = k / gs, row_bytes = k * B / 8, gbytes = gs * B / 8;
@@ -253,7 +260,21 @@ void dequantize_range(const QWeight& q, float* out, int64_t j0, int64_t j1) {
       const uint8_t* p = group_bytes(q, q.w + j * row_bytes + g * gbytes, gbytes, pad);
       qvf s = qsplat(scale_at(q.scales, q.st, j * G + g)), b = qsplat(scale_at(q.biases, q.st, j * G + g));
       float* o = out + j * k + g * gs;
-      for (int64_t v = 0; v < gs; v += L) qstore(o + v, unpack<B>(p + v * B / 8) * s + b);
+      if constexpr (B == 4) {
+        for (int64_t v = 0; v < gs; v += kBlock<B>) {
+          qvf c[2];
+          unpack_block<B>(p + v * B / 8, c);
+          store_interleaved(o + v, c[0] * s + b, c[1] * s + b, std::make_integer_sequence<int, L>{});
+        }
+      } else if constexpr (B == 8) {
+        for (int64_t v = 0; v < gs; v += L) {
+          qvf c[1];
+          unpack_block<B>(p + v, c);
+          qstore(o + v, c[0] * s + b);
+        }
+      } else {
+        for (int64_t v = 0; v < gs; v += L) qstore(o + v, unpack<B>(p + v * B / 8) * s + b);
+      }
     }
   }
 }
