@@ -160,3 +160,42 @@ def test_fallback_without_kernels(monkeypatch):
     assert slow.dtype == mx.float32 and mx.array_equal(slow, want)  # MLX's own op
     assert_matches_mlx(fast, x, q, s, b, 6, 64)
     assert mx.array_equal(cpu_quant.dequantize(q, s, b, 6, 64), deq)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["haswell", "x86-64"])
+def test_narrower_vector_builds(tmp_path, arch):
+    """The AVX2 (8-wide, no VBMI) and plain SSE2 builds, which this AVX-512 machine otherwise never
+    runs: same checks on a subset (one build each, about a minute)."""
+    import importlib.util
+    import platform
+    import subprocess
+    import sys
+
+    from mlxgen.kernels.sources import read_source
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 builds")
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in cpu_ext.SOURCES:
+        text = read_source(name)
+        if name.endswith("CMakeLists.txt"):
+            assert "-march=native" in text
+            text = text.replace("-march=native", f"-march={arch}")
+        (src / name.split("/")[-1]).write_text(text)
+    for step in (["cmake", "-S", str(src), "-B", str(tmp_path / "b"), f"-DPython_EXECUTABLE={sys.executable}"],
+                 ["cmake", "--build", str(tmp_path / "b"), "--parallel", "2"]):
+        subprocess.run(step, check=True, capture_output=True, timeout=600)
+    lib = next((tmp_path / "b").glob(f"{cpu_ext.MODULE}*.so"))
+    spec = importlib.util.spec_from_file_location(cpu_ext.MODULE, lib)
+    narrow = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(narrow)
+    for bits in cpu_quant.BITS:
+        for group_size, dtype in ((32, mx.float16), (64, mx.bfloat16), (128, mx.float32)):
+            for n, k in ((1, group_size), (7, 3 * group_size), (129, 2048)):
+                q, s, b = quantized(n, k, bits, group_size, dtype, seed=n)
+                x = mx.random.normal((3, k), key=mx.random.key(k))
+                assert_matches_mlx(narrow.qmatvec(x, q, s, b, bits, group_size, 2), x, q, s, b, bits, group_size)
+                want = mx.dequantize(q, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size, bits=bits)
+                assert mx.array_equal(narrow.dequantize(q, s, b, bits, group_size, 2), want)
