@@ -19,7 +19,7 @@
 #include <utility>
 #include <vector>
 
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -47,7 +47,12 @@ enum class ScaleType { f32, f16, bf16 };
 inline float scale_at(const void* p, ScaleType t, int64_t i) {
   switch (t) {
     case ScaleType::f32: return static_cast<const float*>(p)[i];
-    case ScaleType::f16: return static_cast<float>(static_cast<const _Float16*>(p)[i]);
+    case ScaleType::f16:
+#if defined(__F16C__)
+      return _cvtsh_ss(static_cast<const uint16_t*>(p)[i]);  // GCC may call libgcc for _Float16
+#else
+      return static_cast<float>(static_cast<const _Float16*>(p)[i]);
+#endif
     default: {
       uint32_t u = static_cast<uint32_t>(static_cast<const uint16_t*>(p)[i]) << 16;
       float f;
@@ -189,7 +194,7 @@ inline const uint8_t* group_bytes(const QWeight& q, const uint8_t* p, int64_t nb
 
 // Row j's G scales (or biases) as float32: in place, or converted into buf.
 inline const float* row_floats(const void* p, ScaleType st, int64_t j, int64_t G, float* buf) {
-  // One loop per type, so the compiler vectorizes the conversion (vcvtph2ps for float16).
+  // Converted 16 (AVX-512) or 8 (F16C) at a time: one at a time doubled qmatvec's time.
   if (st == ScaleType::f32) return static_cast<const float*>(p) + j * G;
   const uint16_t* h = static_cast<const uint16_t*>(p) + j * G;
   int64_t g = 0;
@@ -199,6 +204,13 @@ inline const float* row_floats(const void* p, ScaleType st, int64_t j, int64_t G
     __m512 f = st == ScaleType::f16 ? _mm512_cvtph_ps(v)
                                     : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
     _mm512_storeu_ps(buf + g, f);
+  }
+#elif defined(__F16C__) && defined(__AVX2__)
+  for (; g + 8 <= G; g += 8) {
+    __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(h + g));
+    __m256 f = st == ScaleType::f16 ? _mm256_cvtph_ps(v)
+                                    : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+    _mm256_storeu_ps(buf + g, f);
   }
 #endif
   for (; g < G; ++g) buf[g] = scale_at(h, st, g);
