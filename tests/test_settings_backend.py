@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxgen import settings
+from mlxgen import backends, settings
 from mlxgen.backends import cpu as cpu_backend
 from mlxgen.backends import device
 from mlxgen.errors import ConfigError
@@ -34,8 +34,9 @@ def test_env_values_are_used(monkeypatch):
     assert settings.prefill_chunk_size(64) == 64  # an argument wins over the environment
     monkeypatch.setenv("MLXGEN_DTYPE", "bfloat16")
     assert str(device.weight_dtype()) == "mlx.core.bfloat16"
-    monkeypatch.setenv("MLXGEN_QUANTIZED", "keep")
-    assert device.keep_quantized() is True
+    monkeypatch.setenv("MLXGEN_QUANTIZED", "dequantize")
+    assert backends.keep_quantized() is False
+    assert backends.keep_quantized("keep") is True  # an argument wins
 
 
 def test_cpu_policy_defaults(monkeypatch):
@@ -44,9 +45,12 @@ def test_cpu_policy_defaults(monkeypatch):
     if not device.is_cpu():
         pytest.skip("CPU policy only")
     assert str(device.weight_dtype()) == "mlx.core.float32"
-    assert device.keep_quantized() is False
+    # Quantized weights stay packed where mlxgen's CPU kernels multiply them, else float32.
+    assert backends.keep_quantized() is cpu_backend.quantized_kernels()
+    monkeypatch.setenv("MLXGEN_CPU_KERNELS", "off")
+    assert backends.keep_quantized() is False
     with pytest.raises(ConfigError, match="argument"):
-        device.keep_quantized("sometimes")
+        backends.keep_quantized("sometimes")
 
 
 def test_cpu_cache_limit_is_raised_but_never_lowered():

@@ -292,6 +292,8 @@ mx::array rope_op(const mx::array& x, int dims, bool traditional, const mx::arra
 
 }  // namespace
 
+void add_quant_ops(nb::module_& m);  // quant.cpp: kernels on quantized weights
+
 NB_MODULE(_mlxgen_cpu, m) {
   m.doc() = "mlxgen's CPU kernels (built for this machine by mlxgen/cpu_ext.py).";
   m.def("softmax_numerators", &softmax_numerators_op, nb::arg("scores"), nb::arg("q_len"),
@@ -301,4 +303,5 @@ NB_MODULE(_mlxgen_cpu, m) {
   m.def("rms_norm", &rms_norm_op, nb::arg("x"), nb::arg("weight"), nb::arg("eps"));
   m.def("rope", &rope_op, nb::arg("x"), nb::arg("dims"), nb::arg("traditional"), nb::arg("inv_freq"),
         nb::arg("scale"), nb::arg("offset"));
+  add_quant_ops(m);
 }

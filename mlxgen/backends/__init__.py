@@ -26,6 +26,24 @@ def check_environment() -> None:
         metal.mode.require_available("MLXGEN_KERNELS=on")
 
 
+def keep_quantized(policy: str | None = None) -> bool:
+    """Whether quantized weights stay packed (argument, else MLXGEN_QUANTIZED; "auto": yes, except
+    on a CPU without mlxgen's quantized kernels, where MLX's own quantized matmuls would make
+    prefill many times slower than float32 BLAS)."""
+    policy = settings.quantized_policy(policy)
+    if policy != "auto":
+        return policy == "keep"
+    return not device.is_cpu() or cpu.quantized_kernels()
+
+
+def dequantize_here(module) -> bool:
+    """Kept-quantized layers this device cannot multiply well: bit widths a CUDA build lacks, and
+    on the CPU the MoE expert stacks (MLX's gather_qmm; mlxgen has no CPU kernel for them)."""
+    if hasattr(module, "dequantized_module"):
+        return device.is_cpu()
+    return not device.supported_bits(module.bits, module.group_size)
+
+
 def prepare(model, backend: str | None = None) -> Runtime:
     """Install `backend`'s implementations in `model` (default: this device's); returns and
     records how the model runs. Calling it again re-decides from scratch."""
@@ -43,4 +61,5 @@ def prepare(model, backend: str | None = None) -> Runtime:
     return runtime
 
 
-__all__ = ["BACKENDS", "Runtime", "check_environment", "cpu", "device", "metal", "prepare"]
+__all__ = ["BACKENDS", "Runtime", "check_environment", "cpu", "dequantize_here", "device",
+           "keep_quantized", "metal", "prepare"]

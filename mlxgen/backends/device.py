@@ -47,14 +47,6 @@ def weight_dtype(name: str | None = None) -> mx.Dtype:
     return getattr(mx, name)
 
 
-def keep_quantized(policy: str | None = None) -> bool:
-    """MLX's CPU quantized matmul is slower than float32 + OpenBLAS: dequantize on the CPU."""
-    policy = settings.quantized_policy(policy)
-    if policy == "auto":
-        return not is_cpu()
-    return policy == "keep"
-
-
 @cache
 def supported_bits(bits: int, group_size: int) -> bool:
     """Whether this backend multiplies `bits`-bit affine weights natively. MLX's CUDA backend

@@ -43,7 +43,8 @@ def load(
     """Load a model and its tokenizer. Returns (model, tokenizer).
 
     dtype: "auto" (float32 on CPU, float16 on GPU), "float32", "float16" or "bfloat16".
-    quantized: "auto" (dequantize on the CPU, keep on a GPU), "keep" or "dequantize".
+    quantized: "auto" (keep the file's quantized weights packed: everywhere mlxgen has fast
+    kernels for them; dequantized on a CPU without its kernels), "keep" or "dequantize".
     """
     backends.check_environment()
     with tqdm(total=2, desc=f"loading {source}", unit="step", disable=not progress) as bar:
@@ -163,11 +164,10 @@ def build_model(
     check_weights(model, weights)
     model.load_weights(list(weights.items()), strict=True)
     float_dtype = device.weight_dtype(dtype)
-    if not device.keep_quantized(quantized):
+    if not backends.keep_quantized(quantized):
         dequantize_model(model, float_dtype)
-    else:  # MLX's CUDA backend lacks some bit widths: those layers only
-        dequantize_model(model, float_dtype,
-                         lambda m: not device.supported_bits(m.bits, m.group_size))
+    else:
+        dequantize_model(model, float_dtype, backends.dequantize_here)
     model.set_dtype(float_dtype)
     mx.eval(model.parameters())
     model.eval()

@@ -1,7 +1,8 @@
 """What runs on the CPU (Linux users, CI): OpenBLAS for the matmuls (loaded by the start-up hook,
 blas.py), mlxgen's fast-math attention and SwiGLU (ops.py), and its C++ kernels (ext.py, built
-once per machine) behind the layers in layers.py. `install(model)` puts them in at load, for
-float32 models; anything else (a float16 "Mac profile" run here) keeps MLX's own ops."""
+once per machine) behind the layers in layers.py, quantized weights included (quant.py has the
+checked forms). `install(model)` puts them in at load, for float32 models; anything else (a
+float16 "Mac profile" run here) keeps MLX's own ops."""
 
 from __future__ import annotations
 
@@ -29,6 +30,12 @@ def raise_cache_limit() -> None:
     previous = mx.set_cache_limit(CPU_CACHE_LIMIT)
     if previous > CPU_CACHE_LIMIT:
         mx.set_cache_limit(previous)
+
+
+def quantized_kernels() -> bool:
+    """Whether quantized weights can stay packed on this CPU at full speed: mlxgen's kernels
+    (qmatvec for decode, dequantize + BLAS for prefill) are built and the fast path is on."""
+    return settings.cpu_fast_ops() and ext.kernels() is not None
 
 
 def install(model) -> Runtime:

@@ -2,7 +2,10 @@
 
 They subclass the plain MLX layers and change only how the forward pass computes; the CPU
 backend (this package's __init__) swaps them in at load where the kernels are built, and they
-fall back to MLX's op for inputs a kernel does not take (float16, many rows, array offsets)."""
+fall back to MLX's op for inputs a kernel does not take (float16, many rows, array offsets).
+Quantized layers keep their weights packed: a few rows read them through the quantized matvec
+(decode is memory-bound: ~4.5 bits a weight instead of 32), a prefill chunk dequantizes each
+projection into a float32 buffer (which MLX's allocator reuses) for a BLAS matmul."""
 
 from __future__ import annotations
 
@@ -42,6 +45,38 @@ class CpuEmbedding(nn.Embedding):
         return super().as_linear(x) if y is None else y
 
 
+QUANT_BITS, QUANT_GROUPS = (2, 3, 4, 5, 6, 8), (32, 64, 128)  # what kernels/cpu/quant.cpp takes
+
+
+def _quantized_product(x: mx.array, layer: nn.Module) -> mx.array | None:
+    # The weight's shapes were checked at load; only what varies per call is checked here.
+    if x.dtype != mx.float32 or getattr(layer, "mode", "affine") != "affine":
+        return None
+    if layer.bits not in QUANT_BITS or layer.group_size not in QUANT_GROUPS:
+        return None
+    kernels = ext.loaded()
+    args = (layer.weight, layer.scales, layer.biases, layer.bits, layer.group_size, MATVEC_THREADS)
+    if x.size // x.shape[-1] <= MATVEC_ROWS:
+        return kernels.qmatvec(x, *args)
+    return x @ kernels.dequantize(*args).T
+
+
+class CpuQuantizedLinear(nn.QuantizedLinear):
+    def __call__(self, x: mx.array) -> mx.array:
+        y = _quantized_product(x, self)
+        if y is None:
+            return super().__call__(x)
+        return y + self.bias if "bias" in self else y
+
+
+class CpuQuantizedEmbedding(nn.QuantizedEmbedding):
+    """A tied quantized LM head (a few rows: the prompt's last, a decode step) on qmatvec."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        y = _quantized_product(x, self)
+        return super().as_linear(x) if y is None else y
+
+
 class CpuRMSNorm(nn.RMSNorm):
     def __call__(self, x: mx.array) -> mx.array:
         if x.dtype == self.weight.dtype == mx.float32:
@@ -58,4 +93,5 @@ class CpuRoPE(RoPE):
         return super().__call__(x, offset)
 
 
-SWAPS = {nn.Linear: CpuLinear, nn.Embedding: CpuEmbedding, nn.RMSNorm: CpuRMSNorm, RoPE: CpuRoPE}
+SWAPS = {nn.Linear: CpuLinear, nn.Embedding: CpuEmbedding, nn.RMSNorm: CpuRMSNorm, RoPE: CpuRoPE,
+         nn.QuantizedLinear: CpuQuantizedLinear, nn.QuantizedEmbedding: CpuQuantizedEmbedding}
