@@ -1,4 +1,4 @@
-// CPU kernels for the prefill's elementwise hot spots (mlxgen/cpu_ext.py builds and loads this).
+// CPU kernels for the prefill's elementwise hot spots (mlxgen/backends/cpu/ext.py builds and loads this).
 //
 // MLX JIT-compiles its CPU kernels without -march (SSE2, no FMA) and runs exp at ~6-40 ns per
 // element here; these loops are built for the host CPU and do one pass per row.
@@ -295,7 +295,7 @@ mx::array rope_op(const mx::array& x, int dims, bool traditional, const mx::arra
 void add_quant_ops(nb::module_& m);  // quant.cpp: kernels on quantized weights
 
 NB_MODULE(_mlxgen_cpu, m) {
-  m.doc() = "mlxgen's CPU kernels (built for this machine by mlxgen/cpu_ext.py).";
+  m.doc() = "mlxgen's CPU kernels (built for this machine by mlxgen/backends/cpu/ext.py).";
   m.def("softmax_numerators", &softmax_numerators_op, nb::arg("scores"), nb::arg("q_len"),
         nb::arg("first_visible"));
   m.def("silu_mul", &silu_mul_op, nb::arg("gate"), nb::arg("up"));

@@ -3,7 +3,8 @@
 // bits [i * bits, (i + 1) * bits) of the row, also for 3, 5 and 6 bits), and per group of
 // `group_size` values a scale and a bias (n, k / group_size), float32, float16 or bfloat16:
 // w[j, i] = code * scale + bias. Decode is memory-bound, so qmatvec streams the packed codes
-// (bits + 32 or 64 / group_size bits per weight) instead of a float32 copy (32 bits).
+// (bits per weight, plus 64 / group_size for float32 scale and bias, 32 / group_size for
+// float16) instead of a float32 copy (32 bits).
 // Built with -ffp-contract=off (CMakeLists.txt): dequantize rounds code * scale before adding
 // the bias, exactly as mx.dequantize does.
 
