@@ -12,10 +12,11 @@ import math
 import mmap
 import os
 import struct
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -35,6 +36,7 @@ _FLOAT_DTYPES = {QT.F32: np.float32, QT.F16: np.float16, QT.F64: np.float64}
 _VALUE_DTYPES = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
                  10: "<u8", 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY = 8, 9
+_THREADS = min(4, os.cpu_count() or 1)
 
 
 @dataclass
@@ -197,17 +199,15 @@ def quantized_bits(qtype: QT) -> int | None:
     return NATIVE_BITS.get(qtype) or K_BITS.get(qtype)
 
 
-def _load_tensor(buf: mmap.mmap, t: TensorInfo, keep: bool) -> list[mx.array]:
-    """One array, or [weight, scales, biases] when kept MLX-quantized.
+def _tensor_numpy(buf: mmap.mmap, t: TensorInfo, keep: bool) -> list[np.ndarray]:
+    """One array, or [weight, scales, biases] when kept MLX-quantized (BF16 as raw uint16).
 
     Reads straight from the mapped file: only this tensor's repacked arrays are allocated."""
     if t.qtype in _FLOAT_DTYPES:  # F64 has no MLX dtype: narrowed to float32
         arr = np.frombuffer(buf, _FLOAT_DTYPES[t.qtype], math.prod(t.shape), t.offset)
-        return [mx.array(arr.reshape(t.shape).astype(np.float32) if t.qtype == QT.F64 else
-                         arr.reshape(t.shape))]
+        return [arr.reshape(t.shape).astype(np.float32) if t.qtype == QT.F64 else arr.reshape(t.shape)]
     if t.qtype == QT.BF16:
-        bits = np.frombuffer(buf, np.uint16, math.prod(t.shape), t.offset).reshape(t.shape)
-        return [mx.array(bits).view(mx.bfloat16)]
+        return [np.frombuffer(buf, np.uint16, math.prod(t.shape), t.offset).reshape(t.shape)]
     lead = t.shape[:-1]
     raw = np.frombuffer(buf, np.uint8, t.nbytes, t.offset).reshape(math.prod(lead), -1)
     if keep:
@@ -218,7 +218,7 @@ def _load_tensor(buf: mmap.mmap, t: TensorInfo, keep: bool) -> list[mx.array]:
         else:
             triplet = repack_k(raw, t.qtype)  # None on an fp16 overflow
         if triplet is not None:
-            return [mx.array(a.reshape(*lead, -1)) for a in triplet]
+            return [a.reshape(*lead, -1) for a in triplet]
     try:
         values = gguf_dequantize(raw, t.qtype)
     except NotImplementedError:
@@ -226,7 +226,25 @@ def _load_tensor(buf: mmap.mmap, t: TensorInfo, keep: bool) -> list[mx.array]:
             f"tensor {t.name} uses GGML type {t.qtype.name}, which cannot be dequantized here; "
             "use a GGUF quantized as Q4_K_M, Q8_0 or similar."
         ) from None
-    return [mx.array(values.reshape(t.shape))]
+    return [values.reshape(t.shape)]
+
+
+def _load_tensors(buf: mmap.mmap, jobs: list[tuple[TensorInfo, bool]]) -> Iterator[list[mx.array]]:
+    """_load_tensor over jobs, in order; the numpy repacking (which releases the GIL) runs on a
+    small thread pool, MLX arrays are made on this thread. At most a few tensors are in flight."""
+    with ThreadPoolExecutor(_THREADS) as pool:
+        pending = deque()
+        for t, keep in jobs:
+            pending.append((t, pool.submit(_tensor_numpy, buf, t, keep)))
+            if len(pending) > _THREADS:
+                yield _to_mlx(*pending.popleft())
+        while pending:
+            yield _to_mlx(*pending.popleft())
+
+
+def _to_mlx(t: TensorInfo, future) -> list[mx.array]:
+    arrays = [mx.array(a) for a in future.result()]
+    return [arrays[0].view(mx.bfloat16)] if t.qtype == QT.BF16 else arrays
 
 
 _GLOBAL_NAMES = {
@@ -336,7 +354,6 @@ def read_gguf(
             f"{path}: GGUF architecture {arch!r} is not supported; supported: "
             f"{', '.join(ARCHITECTURES)}. Use a model of one of these families."
         )
-    tokenizer = tokenizer_from_gguf(meta)
     names = {t.name for t in header.tensors}
     config = _config(meta, arch, names, len(meta["tokenizer.ggml.tokens"]), path)
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
@@ -344,30 +361,34 @@ def read_gguf(
     weights: dict[str, mx.array] = {}
     quantization: dict[str, Any] = {}
     native_types, dequantized_types, approximated = Counter(), Counter(), Counter()
+    jobs = []  # every name is checked before any tensor is read
     for t in header.tensors:
-        if t.name == "rope_freqs.weight":  # llama3.1-style per-frequency divisors
-            freqs = _load_tensor(header.buffer, t, keep=False)[0]
-            config["rope_freq_factors"] = freqs.astype(mx.float32).tolist()
-            continue
-        module, suffix = hf_module_name(t.name)
-        bits = quantized_bits(t.qtype)
-        keep = not dequantize and bits is not None and len(t.shape) >= 2 and (
-            k_quants or t.qtype in NATIVE_BITS)
-        arrays = _load_tensor(header.buffer, t, keep)
-        kind = t.name.split(".")[-2]
-        if arch == "llama" and kind in heads:
-            arrays = [_unpermute_rows(a, heads[kind]) for a in arrays]
-        if len(arrays) == 3:
-            for key, array in zip(("weight", "scales", "biases"), arrays):
-                weights[f"{module}.{key}"] = array
-            quantization[module] = {"group_size": 32, "bits": bits}
-            native_types[t.qtype.name] += 1
-            if t.qtype not in NATIVE_BITS and t.qtype not in K_EXACT:
-                approximated[t.qtype.name] += 1
-        else:
-            weights[f"{module}.{suffix}"] = arrays[0]
-            if t.qtype not in _FLOAT_DTYPES and t.qtype != QT.BF16:
-                dequantized_types[t.qtype.name] += 1
+        rope = t.name == "rope_freqs.weight"  # llama3.1-style per-frequency divisors
+        keep = not dequantize and not rope and quantized_bits(t.qtype) is not None and (
+            len(t.shape) >= 2 and (k_quants or t.qtype in NATIVE_BITS))
+        jobs.append((t, keep, ("", "") if rope else hf_module_name(t.name)))
+    with ThreadPoolExecutor(1) as pool:  # the tokenizer (mostly Python) overlaps the repacking
+        tokenizer_job = pool.submit(tokenizer_from_gguf, meta)
+        loaded = _load_tensors(header.buffer, [(t, keep) for t, keep, _ in jobs])
+        for (t, keep, (module, suffix)), arrays in zip(jobs, loaded):
+            if t.name == "rope_freqs.weight":
+                config["rope_freq_factors"] = arrays[0].astype(mx.float32).tolist()
+                continue
+            kind = t.name.split(".")[-2]
+            if arch == "llama" and kind in heads:
+                arrays = [_unpermute_rows(a, heads[kind]) for a in arrays]
+            if len(arrays) == 3:
+                for key, array in zip(("weight", "scales", "biases"), arrays):
+                    weights[f"{module}.{key}"] = array
+                quantization[module] = {"group_size": 32, "bits": quantized_bits(t.qtype)}
+                native_types[t.qtype.name] += 1
+                if t.qtype not in NATIVE_BITS and t.qtype not in K_EXACT:
+                    approximated[t.qtype.name] += 1
+            else:
+                weights[f"{module}.{suffix}"] = arrays[0]
+                if t.qtype not in _FLOAT_DTYPES and t.qtype != QT.BF16:
+                    dequantized_types[t.qtype.name] += 1
+        tokenizer = tokenizer_job.result()
     if quantization:  # default = the most common native setting; every module is listed too
         bits = Counter(q["bits"] for q in quantization.values()).most_common(1)[0][0]
         quantization = {"group_size": 32, "bits": bits, **quantization}
