@@ -36,8 +36,11 @@ def timed(name, fn):
         phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
         return out
     return wrapper
+import mlxgen.loading as loading
 gguf.read_gguf_header = timed("header", gguf.read_gguf_header)
 gguf.tokenizer_from_gguf = timed("tokenizer", gguf.tokenizer_from_gguf)
+gguf.read_gguf = timed("read", gguf.read_gguf)
+loading.build_model = timed("build", loading.build_model)
 t = time.perf_counter()
 model, tok = mlxgen.load(path, quantized=mode)
 t_load = time.perf_counter() - t
@@ -48,8 +51,8 @@ print(json.dumps({"import_s": t_import, "load_s": t_load, "peak_rss_mb": rss,
 """
 
 
-def run_once(path: str, mode: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def run_once(path: str, mode: str, root: str = str(ROOT)) -> dict:
+    env = {**os.environ, "PYTHONPATH": root}
     out = subprocess.run([sys.executable, "-c", CHILD, path, mode], env=env, check=True,
                          capture_output=True, text=True, timeout=900)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -60,6 +63,8 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2,qwen2.5-coder", help="PyPI model names or .gguf paths")
     ap.add_argument("--modes", default="keep,dequantize")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--trees", default=f"this={ROOT}",
+                    help="LABEL=DIR,... mlxgen source trees to compare (e.g. an older checkout)")
     ap.add_argument("--out", help="write OUT.json and OUT.md")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -68,22 +73,26 @@ def main() -> None:
     results = {}
     for model in args.models.split(","):
         path = str(pypi.fetch(model)) if pypi.resolve_name(model) else model
-        runs: dict[str, list[dict]] = {m: [] for m in args.modes.split(",")}
+        trees = dict(t.split("=", 1) for t in args.trees.split(","))
+        runs: dict[str, list[dict]] = {f"{label}:{m}": [] for label in trees for m in args.modes.split(",")}
         for rep in range(args.reps):
-            for mode in runs:  # interleaved
-                runs[mode].append(run_once(path, mode))
-                print(model, mode, rep, runs[mode][-1], flush=True)
+            for key in runs:  # interleaved
+                label, mode = key.split(":")
+                runs[key].append(run_once(path, mode, trees[label]))
+                print(model, key, rep, runs[key][-1], flush=True)
         results[model] = {
             "file_mb": os.path.getsize(path) / 2**20,
             **{mode: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for mode, rs in runs.items()},
         }
-    lines = ["| model | mode | load s | tokenizer s | header s | peak RSS MB | weights MB | file MB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | code:mode | load s | read_gguf s | header s | tokenizer s | build s | peak RSS MB "
+             "| weights MB | file MB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for model, r in results.items():
-        for mode in args.modes.split(","):
-            m = r[mode]
-            lines.append(f"| {model} | {mode} | {m['load_s']:.2f} | {m.get('tokenizer_s', 0):.2f} | "
-                         f"{m.get('header_s', 0):.2f} | {m['peak_rss_mb']:.0f} | {m['weight_mb']:.0f} | "
+        for key, m in r.items():
+            if key == "file_mb":
+                continue
+            lines.append(f"| {model} | {key} | {m['load_s']:.2f} | {m.get('read_s', 0):.2f} | "
+                         f"{m.get('header_s', 0):.2f} | {m.get('tokenizer_s', 0):.2f} | "
+                         f"{m.get('build_s', 0):.2f} | {m['peak_rss_mb']:.0f} | {m['weight_mb']:.0f} | "
                          f"{r['file_mb']:.0f} |")
     table = "\n".join(lines)
     print(table)

@@ -12,11 +12,10 @@ import math
 import mmap
 import os
 import struct
-from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -36,7 +35,6 @@ _FLOAT_DTYPES = {QT.F32: np.float32, QT.F16: np.float16, QT.F64: np.float64}
 _VALUE_DTYPES = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
                  10: "<u8", 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY = 8, 9
-_THREADS = min(4, os.cpu_count() or 1)
 
 
 @dataclass
@@ -229,21 +227,8 @@ def _tensor_numpy(buf: mmap.mmap, t: TensorInfo, keep: bool) -> list[np.ndarray]
     return [values.reshape(t.shape)]
 
 
-def _load_tensors(buf: mmap.mmap, jobs: list[tuple[TensorInfo, bool]]) -> Iterator[list[mx.array]]:
-    """_load_tensor over jobs, in order; the numpy repacking (which releases the GIL) runs on a
-    small thread pool, MLX arrays are made on this thread. At most a few tensors are in flight."""
-    with ThreadPoolExecutor(_THREADS) as pool:
-        pending = deque()
-        for t, keep in jobs:
-            pending.append((t, pool.submit(_tensor_numpy, buf, t, keep)))
-            if len(pending) > _THREADS:
-                yield _to_mlx(*pending.popleft())
-        while pending:
-            yield _to_mlx(*pending.popleft())
-
-
-def _to_mlx(t: TensorInfo, future) -> list[mx.array]:
-    arrays = [mx.array(a) for a in future.result()]
+def _load_tensor(buf: mmap.mmap, t: TensorInfo, keep: bool) -> list[mx.array]:
+    arrays = [mx.array(a) for a in _tensor_numpy(buf, t, keep)]
     return [arrays[0].view(mx.bfloat16)] if t.qtype == QT.BF16 else arrays
 
 
@@ -354,6 +339,7 @@ def read_gguf(
             f"{path}: GGUF architecture {arch!r} is not supported; supported: "
             f"{', '.join(ARCHITECTURES)}. Use a model of one of these families."
         )
+    tokenizer = tokenizer_from_gguf(meta)
     names = {t.name for t in header.tensors}
     config = _config(meta, arch, names, len(meta["tokenizer.ggml.tokens"]), path)
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
@@ -367,28 +353,25 @@ def read_gguf(
         keep = not dequantize and not rope and quantized_bits(t.qtype) is not None and (
             len(t.shape) >= 2 and (k_quants or t.qtype in NATIVE_BITS))
         jobs.append((t, keep, ("", "") if rope else hf_module_name(t.name)))
-    with ThreadPoolExecutor(1) as pool:  # the tokenizer (mostly Python) overlaps the repacking
-        tokenizer_job = pool.submit(tokenizer_from_gguf, meta)
-        loaded = _load_tensors(header.buffer, [(t, keep) for t, keep, _ in jobs])
-        for (t, keep, (module, suffix)), arrays in zip(jobs, loaded):
-            if t.name == "rope_freqs.weight":
-                config["rope_freq_factors"] = arrays[0].astype(mx.float32).tolist()
-                continue
-            kind = t.name.split(".")[-2]
-            if arch == "llama" and kind in heads:
-                arrays = [_unpermute_rows(a, heads[kind]) for a in arrays]
-            if len(arrays) == 3:
-                for key, array in zip(("weight", "scales", "biases"), arrays):
-                    weights[f"{module}.{key}"] = array
-                quantization[module] = {"group_size": 32, "bits": quantized_bits(t.qtype)}
-                native_types[t.qtype.name] += 1
-                if t.qtype not in NATIVE_BITS and t.qtype not in K_EXACT:
-                    approximated[t.qtype.name] += 1
-            else:
-                weights[f"{module}.{suffix}"] = arrays[0]
-                if t.qtype not in _FLOAT_DTYPES and t.qtype != QT.BF16:
-                    dequantized_types[t.qtype.name] += 1
-        tokenizer = tokenizer_job.result()
+    for t, keep, (module, suffix) in jobs:
+        arrays = _load_tensor(header.buffer, t, keep)
+        if t.name == "rope_freqs.weight":
+            config["rope_freq_factors"] = arrays[0].astype(mx.float32).tolist()
+            continue
+        kind = t.name.split(".")[-2]
+        if arch == "llama" and kind in heads:
+            arrays = [_unpermute_rows(a, heads[kind]) for a in arrays]
+        if len(arrays) == 3:
+            for key, array in zip(("weight", "scales", "biases"), arrays):
+                weights[f"{module}.{key}"] = array
+            quantization[module] = {"group_size": 32, "bits": quantized_bits(t.qtype)}
+            native_types[t.qtype.name] += 1
+            if t.qtype not in NATIVE_BITS and t.qtype not in K_EXACT:
+                approximated[t.qtype.name] += 1
+        else:
+            weights[f"{module}.{suffix}"] = arrays[0]
+            if t.qtype not in _FLOAT_DTYPES and t.qtype != QT.BF16:
+                dequantized_types[t.qtype.name] += 1
     if quantization:  # default = the most common native setting; every module is listed too
         bits = Counter(q["bits"] for q in quantization.values()).most_common(1)[0][0]
         quantization = {"group_size": 32, "bits": bits, **quantization}
