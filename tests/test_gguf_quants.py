@@ -242,3 +242,23 @@ def test_real_keep_and_dequantize_agree_on_greedy_tokens(path):
                                                           temperature=0.0)] for p in PROMPTS]
         del model
     assert tokens["keep"] == tokens["dequantize"]
+
+
+def test_checkpoint_float_dtype():
+    from mlxgen.loading.dtypes import checkpoint_float_dtype
+
+    norm = mx.ones((64,), mx.float32)
+    assert checkpoint_float_dtype({"a.weight": mx.zeros((64, 64), mx.bfloat16), "n.weight": norm,
+                                   "e.weight": mx.zeros((8, 64), mx.float32)}) == mx.bfloat16
+    quantized = {"q.weight": mx.zeros((64, 8), mx.uint32), "q.scales": mx.zeros((64, 2), mx.float16),
+                 "q.biases": mx.zeros((64, 2), mx.float16), "e.weight": mx.zeros((64, 32), mx.float32)}
+    assert checkpoint_float_dtype(quantized) == mx.float16  # 4096 quantized vs 2048 float32
+    assert checkpoint_float_dtype({"n.weight": norm}) is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not QWEN_GGUF.is_file(), reason=f"{QWEN_GGUF} missing")
+def test_real_qwen_checkpoint_dtype():
+    from mlxgen.loading.dtypes import checkpoint_float_dtype
+
+    assert checkpoint_float_dtype(read_gguf(QWEN_GGUF).weights) == mx.float16
