@@ -28,7 +28,8 @@ import mlxgen
 from mlxgen.loading import gguf, gguf_tokenizer
 t_import = time.perf_counter() - t0
 path, mode = sys.argv[1], sys.argv[2]
-phases = {}
+import_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+phases = {"mlxgen": mlxgen.__file__}
 def timed(name, fn):
     def wrapper(*a, **k):
         t = time.perf_counter()
@@ -46,15 +47,15 @@ model, tok = mlxgen.load(path, quantized=mode)
 t_load = time.perf_counter() - t
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 n_bytes = sum(v.nbytes for _, v in __import__("mlx.utils").utils.tree_flatten(model.parameters()))
-print(json.dumps({"import_s": t_import, "load_s": t_load, "peak_rss_mb": rss,
-                  "weight_mb": n_bytes / 2**20, **{f"{k}_s": v for k, v in phases.items()}}))
+print(json.dumps({"import_s": t_import, "load_s": t_load, "peak_rss_mb": rss, "import_rss_mb": import_rss,
+                  "weight_mb": n_bytes / 2**20, **{k if k == "mlxgen" else f"{k}_s": v for k, v in phases.items()}}))
 """
 
 
 def run_once(path: str, mode: str, root: str = str(ROOT)) -> dict:
     env = {**os.environ, "PYTHONPATH": root}
-    out = subprocess.run([sys.executable, "-c", CHILD, path, mode], env=env, check=True,
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run([sys.executable, "-c", CHILD, path, mode], env=env, check=True, cwd=root,
+                         capture_output=True, text=True, timeout=900)  # cwd: -c puts it first on sys.path
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -82,17 +83,18 @@ def main() -> None:
                 print(model, key, rep, runs[key][-1], flush=True)
         results[model] = {
             "file_mb": os.path.getsize(path) / 2**20,
-            **{mode: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for mode, rs in runs.items()},
+            **{mode: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "mlxgen"}
+               for mode, rs in runs.items()},
         }
-    lines = ["| model | code:mode | load s | read_gguf s | header s | tokenizer s | build s | peak RSS MB "
-             "| weights MB | file MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | code:mode | import s | load s | read_gguf s | header s | tokenizer s | build s "
+             "| RSS after import MB | peak RSS MB | weights MB | file MB |", "|---" * 12 + "|"]
     for model, r in results.items():
         for key, m in r.items():
             if key == "file_mb":
                 continue
-            lines.append(f"| {model} | {key} | {m['load_s']:.2f} | {m.get('read_s', 0):.2f} | "
+            lines.append(f"| {model} | {key} | {m['import_s']:.2f} | {m['load_s']:.2f} | {m.get('read_s', 0):.2f} | "
                          f"{m.get('header_s', 0):.2f} | {m.get('tokenizer_s', 0):.2f} | "
-                         f"{m.get('build_s', 0):.2f} | {m['peak_rss_mb']:.0f} | {m['weight_mb']:.0f} | "
+                         f"{m.get('build_s', 0):.2f} | {m['import_rss_mb']:.0f} | {m['peak_rss_mb']:.0f} | {m['weight_mb']:.0f} | "
                          f"{r['file_mb']:.0f} |")
     table = "\n".join(lines)
     print(table)

@@ -262,3 +262,13 @@ def test_real_qwen_checkpoint_dtype():
     from mlxgen.loading.dtypes import checkpoint_float_dtype
 
     assert checkpoint_float_dtype(read_gguf(QWEN_GGUF).weights) == mx.float16
+
+
+@pytest.mark.parametrize("quantized", ["keep", "dequantize"])
+def test_lazy_build_matches_eager(tmp_path, quantized):
+    syn = write_synthetic(tmp_path / "z.gguf", hidden=256, ff=256, types={"ffn_up": QT.Q4_K})
+    c = read_gguf(syn.path)
+    tokens = mx.array([[3, 1, 4, 1, 5]])
+    eager = build_model(c.config, c.weights, c.quantization, quantized=quantized)(tokens)
+    lazy = build_model(c.config, c.weights, c.quantization, quantized=quantized, lazy=True)
+    np.testing.assert_array_equal(np.array(lazy(tokens)), np.array(eager))

@@ -37,11 +37,14 @@ def load(
     dtype: str | None = None,
     quantized: str | None = None,
     progress: bool = False,
+    lazy: bool = False,
 ):
     """Load a model and its tokenizer. Returns (model, tokenizer).
 
     dtype: "auto" (float32 on CPU, float16 on GPU), "float32", "float16" or "bfloat16".
     quantized: "auto" (dequantize on the CPU, keep on a GPU), "keep" or "dequantize".
+    lazy: as in mlx-lm, do not evaluate the parameters: dtype casts and dequantization run on
+    first use. The file is still read (and GGUF blocks repacked) here.
     """
     backend.report_blas()  # once per process, after the caller had a chance to set up logging
     with tqdm(total=2, desc=f"loading {source}", unit="step", disable=not progress) as bar:
@@ -50,7 +53,9 @@ def load(
         config, weights, quantization, tokenizer, info = _read_source(str(source), progress, keep)
         bar.update()
         bar.set_postfix_str("building model")
-        model = build_model(config, weights, quantization, dtype=dtype, quantized=quantized)
+        model = build_model(
+            config, weights, quantization, dtype=dtype, quantized=quantized, lazy=lazy
+        )
         bar.update()
         bar.set_postfix_str("")
     model.info = info
@@ -132,6 +137,7 @@ def build_model(
     *,
     dtype: str | None = None,
     quantized: str | None = None,
+    lazy: bool = False,
 ) -> nn.Module:
     """Construct the model for `config` and load `weights` (HF names) into it, checked."""
     backend.raise_cpu_cache_limit()  # every model built here runs with MLX's CPU buffer cache raised
@@ -145,7 +151,8 @@ def build_model(
     if not backend.keep_quantized(quantized):
         backend.dequantize_model(model, float_dtype)
     model.set_dtype(float_dtype)
-    mx.eval(model.parameters())
+    if not lazy:
+        mx.eval(model.parameters())
     model.eval()
     return model
 
