@@ -23,7 +23,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, LlamaFileType
 from gguf.quants import dequantize as gguf_dequantize
 
 from ..errors import ModelLoadError, UnsupportedModelError
-from .gguf_quants import K_BITS, K_EXACT, pack, repack_k
+from .gguf_quants import K_BITS, K_EXACT, in_row_chunks, pack, repack_k
 from .gguf_tokenizer import TokenizerParts, tokenizer_from_gguf
 
 logger = logging.getLogger(__name__)
@@ -210,7 +210,7 @@ def _tensor_numpy(buf: mmap.mmap, t: TensorInfo, keep: bool) -> list[np.ndarray]
     raw = np.frombuffer(buf, np.uint8, t.nbytes, t.offset).reshape(math.prod(lead), -1)
     if keep:
         if t.qtype in NATIVE_BITS:
-            triplet = _repack_native(raw, t.qtype)
+            triplet = in_row_chunks(raw, t.qtype, lambda rows: _repack_native(rows, t.qtype))
             if not np.isfinite(triplet[2]).all():  # fp16 overflow of -128*d: the one inexact case
                 triplet = None
         else:
@@ -229,7 +229,16 @@ def _tensor_numpy(buf: mmap.mmap, t: TensorInfo, keep: bool) -> list[np.ndarray]
 
 def _load_tensor(buf: mmap.mmap, t: TensorInfo, keep: bool) -> list[mx.array]:
     arrays = [mx.array(a) for a in _tensor_numpy(buf, t, keep)]
+    _release_pages(buf, t)
     return [arrays[0].view(mx.bfloat16)] if t.qtype == QT.BF16 else arrays
+
+
+def _release_pages(buf: mmap.mmap, t: TensorInfo) -> None:
+    # The tensor now lives in MLX memory: unmap its file pages so the process is not charged
+    # for the whole file on top of the weights (they stay in the OS page cache).
+    if hasattr(buf, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        start = t.offset - t.offset % mmap.PAGESIZE
+        buf.madvise(mmap.MADV_DONTNEED, start, t.offset + t.nbytes - start)
 
 
 _GLOBAL_NAMES = {

@@ -106,22 +106,32 @@ def repack_k(raw: np.ndarray, qtype: QT) -> Triplet | None:
     """(rows, row_bytes) GGML K-quant rows -> MLX (packed uint32, fp16 scales, fp16 biases).
 
     None when a scale or bias overflows fp16 (the caller dequantizes instead)."""
-    block_bytes = GGML_QUANT_SIZES[qtype][1]
-    bits = K_BITS[qtype]
-    rows, row_bytes = raw.shape
+    block_bytes, bits = GGML_QUANT_SIZES[qtype][1], K_BITS[qtype]
     convert = {QT.Q4_K: lambda b: _q4k_q5k(b, QT.Q4_K), QT.Q5_K: lambda b: _q4k_q5k(b, QT.Q5_K),
                QT.Q6_K: _q6k}.get(qtype) or _requantized(qtype)
-    packed = np.empty((rows, row_bytes // block_bytes * 256 * bits // 32), np.uint32)
-    scales = np.empty((rows, row_bytes // block_bytes * 256 // GROUP), np.float16)
-    biases = np.empty_like(scales)
-    step = max(1, _CHUNK_ELEMENTS // (row_bytes // block_bytes * 256))
+
+    def rows_to_mlx(rows: np.ndarray) -> Triplet:
+        n = rows.shape[0]
+        codes, scales, biases = convert(rows.reshape(-1, block_bytes))
+        return pack(codes.reshape(n, -1), bits), scales.reshape(n, -1), biases.reshape(n, -1)
+
+    packed, scales, biases = in_row_chunks(raw, qtype, rows_to_mlx)
+    return (packed, scales, biases) if np.isfinite(scales).all() and np.isfinite(biases).all() else None
+
+
+def in_row_chunks(raw: np.ndarray, qtype: QT, fn: Callable[[np.ndarray], Triplet]) -> Triplet:
+    """fn over chunks of raw's rows, into preallocated outputs: a large tensor (an embedding)
+    never has all of its temporaries alive at once."""
+    block, block_bytes = GGML_QUANT_SIZES[qtype]
+    rows = raw.shape[0]
+    step = max(1, _CHUNK_ELEMENTS // (raw.shape[1] // block_bytes * block))
+    if step >= rows:
+        return fn(raw)
+    out = None
     for start in range(0, rows, step):
-        chunk = raw[start : start + step]
-        n = chunk.shape[0]
-        codes, s, b = convert(chunk.reshape(-1, block_bytes))
-        if not (np.isfinite(s).all() and np.isfinite(b).all()):
-            return None
-        packed[start : start + n] = pack(codes.reshape(n, -1), bits)
-        scales[start : start + n] = s.reshape(n, -1)
-        biases[start : start + n] = b.reshape(n, -1)
-    return packed, scales, biases
+        parts = fn(raw[start : start + step])
+        if out is None:
+            out = tuple(np.empty((rows, *p.shape[1:]), p.dtype) for p in parts)
+        for o, p in zip(out, parts):
+            o[start : start + p.shape[0]] = p
+    return out
