@@ -70,7 +70,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for name, qtype, r in rows:
         print(f"| {name} | {K_BITS[qtype]}-bit g32 | {r['gguf_bits']:.3g} -> {r['mlx_bits']} | "
-              f"{r['max_steps']:.3f} | {r['max_rel']:.1e} | {r['mean_rel']:.1e} | {r['exact']:.1%} |")
+              f"{r['max_steps']:.3f} | {r['max_rel']:.1e} | {r['mean_rel']:.1e} | "
+              f"{r['exact']:.1%} |")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ from gguf_fixtures import (  # noqa: E402
 )
 
 from mlxgen.errors import ModelLoadError, UnsupportedModelError  # noqa: E402
-from mlxgen.loading.gguf import NATIVE_BITS, quantized_bits, read_gguf, read_gguf_header  # noqa: E402
+from mlxgen.loading.gguf import (  # noqa: E402
+    NATIVE_BITS, quantized_bits, read_gguf, read_gguf_header,
+)
 from mlxgen.loading.gguf_tokenizer import tokenizer_from_gguf  # noqa: E402
 
 

@@ -152,8 +152,8 @@ def test_unkept_types_are_logged_once(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="mlxgen.loading.gguf"):
         c = read_gguf(syn.path)
     assert c.metadata["dequantized"] == {"TQ1_0": 4}
-    assert [r.getMessage() for r in caplog.records if "no MLX quantized form" in r.getMessage()] == [
-        "iq.gguf: TQ1_0 tensors have no MLX quantized form and are kept as float32"]
+    messages = [r.getMessage() for r in caplog.records if "no MLX quantized form" in r.getMessage()]
+    assert messages == ["iq.gguf: TQ1_0 tensors have no MLX quantized form and are kept as float32"]
 
 
 # --- damaged files: refused from the header, before any tensor is read --------------------------
@@ -250,8 +250,9 @@ def test_checkpoint_float_dtype():
     norm = mx.ones((64,), mx.float32)
     assert checkpoint_float_dtype({"a.weight": mx.zeros((64, 64), mx.bfloat16), "n.weight": norm,
                                    "e.weight": mx.zeros((8, 64), mx.float32)}) == mx.bfloat16
-    quantized = {"q.weight": mx.zeros((64, 8), mx.uint32), "q.scales": mx.zeros((64, 2), mx.float16),
-                 "q.biases": mx.zeros((64, 2), mx.float16), "e.weight": mx.zeros((64, 32), mx.float32)}
+    f16 = mx.zeros((64, 2), mx.float16)
+    quantized = {"q.weight": mx.zeros((64, 8), mx.uint32), "q.scales": f16, "q.biases": f16,
+                 "e.weight": mx.zeros((64, 32), mx.float32)}
     assert checkpoint_float_dtype(quantized) == mx.float16  # 4096 quantized vs 2048 float32
     assert checkpoint_float_dtype({"n.weight": norm}) is None
 

@@ -3,7 +3,8 @@
 Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks are repacked bit-exactly into MLX's affine quantized format
 (group size 32, fp16 scales/biases); K-quants are repacked by gguf_quants (Q4_K/Q5_K exactly,
 Q6_K/Q3_K/Q2_K to the nearest MLX form); other types (IQ*, TQ*) are dequantized to float32 with
-the `gguf` package. The header is parsed here because gguf.GGUFReader takes ~25 s on a 150k vocab."""
+the `gguf` package. The header is parsed here because gguf.GGUFReader takes ~25 s on a 150k
+vocab."""
 
 from __future__ import annotations
 
@@ -203,7 +204,8 @@ def _tensor_numpy(buf: mmap.mmap, t: TensorInfo, keep: bool) -> list[np.ndarray]
     Reads straight from the mapped file: only this tensor's repacked arrays are allocated."""
     if t.qtype in _FLOAT_DTYPES:  # F64 has no MLX dtype: narrowed to float32
         arr = np.frombuffer(buf, _FLOAT_DTYPES[t.qtype], math.prod(t.shape), t.offset)
-        return [arr.reshape(t.shape).astype(np.float32) if t.qtype == QT.F64 else arr.reshape(t.shape)]
+        arr = arr.reshape(t.shape)
+        return [arr.astype(np.float32) if t.qtype == QT.F64 else arr]
     if t.qtype == QT.BF16:
         return [np.frombuffer(buf, np.uint16, math.prod(t.shape), t.offset).reshape(t.shape)]
     lead = t.shape[:-1]

@@ -36,8 +36,9 @@ def pack(q: np.ndarray, bits: int) -> np.ndarray:
         return (q[:, 0::2] | (q[:, 1::2] << 4)).view(np.uint32)
     if bits == 5:  # 8 elements -> 5 bytes, in uint8 arithmetic
         e = [q[:, k::8] for k in range(8)]
-        out = [e[0] | (e[1] << 5), (e[1] >> 3) | (e[2] << 2) | (e[3] << 7), (e[3] >> 1) | (e[4] << 4),
-               (e[4] >> 4) | (e[5] << 1) | (e[6] << 6), (e[6] >> 2) | (e[7] << 3)]
+        out = [e[0] | (e[1] << 5), (e[1] >> 3) | (e[2] << 2) | (e[3] << 7),
+               (e[3] >> 1) | (e[4] << 4), (e[4] >> 4) | (e[5] << 1) | (e[6] << 6),
+               (e[6] >> 2) | (e[7] << 3)]
     elif bits == 6:  # 4 elements -> 3 bytes
         e = [q[:, k::4] for k in range(4)]
         out = [e[0] | (e[1] << 6), (e[1] >> 2) | (e[2] << 4), (e[2] >> 4) | (e[3] << 2)]
@@ -116,7 +117,9 @@ def repack_k(raw: np.ndarray, qtype: QT) -> Triplet | None:
         return pack(codes.reshape(n, -1), bits), scales.reshape(n, -1), biases.reshape(n, -1)
 
     packed, scales, biases = in_row_chunks(raw, qtype, rows_to_mlx)
-    return (packed, scales, biases) if np.isfinite(scales).all() and np.isfinite(biases).all() else None
+    if not (np.isfinite(scales).all() and np.isfinite(biases).all()):
+        return None
+    return packed, scales, biases
 
 
 def in_row_chunks(raw: np.ndarray, qtype: QT, fn: Callable[[np.ndarray], Triplet]) -> Triplet:
