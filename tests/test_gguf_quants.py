@@ -273,3 +273,21 @@ def test_lazy_build_matches_eager(tmp_path, quantized):
     eager = build_model(c.config, c.weights, c.quantization, quantized=quantized)(tokens)
     lazy = build_model(c.config, c.weights, c.quantization, quantized=quantized, lazy=True)
     np.testing.assert_array_equal(np.array(lazy(tokens)), np.array(eager))
+
+
+def test_k_quant_expert_stacks_keep_their_leading_dimension(tmp_path):
+    types = {"ffn_up_exps": QT.Q4_K, "ffn_gate_exps": QT.Q6_K, "ffn_down_exps": QT.Q5_K}
+    syn = write_synthetic(tmp_path / "moe.gguf", "qwen3moe", hidden=256, experts=3, moe_ff=256,
+                          types=types, qk_norm=True)
+    c = read_gguf(syn.path)
+    for proj, bits in (("up_proj", 4), ("gate_proj", 8), ("down_proj", 5)):
+        module = f"model.layers.1.mlp.experts.{proj}"
+        w, s, b = (c.weights[f"{module}.{k}"] for k in ("weight", "scales", "biases"))
+        assert w.shape == (3, 256, 256 * bits // 32) and s.shape == b.shape == (3, 256, 8)
+        assert c.quantization[module] == {"group_size": 32, "bits": bits}
+        got = mlx_values(w, s, b, bits)
+        tol = per_element(np.array(s.astype(mx.float32))) * 1.07 + 2 * FP16_EPS * per_element(
+            np.array(b.astype(mx.float32))) + 1e-6
+        assert (np.abs(got - syn.expected[f"{module}.weight"]) <= tol).all(), proj
+    model = build_model(c.config, c.weights, c.quantization, quantized="keep")
+    assert model(mx.array([[1, 2, 3]])).shape == (1, 3, c.config["vocab_size"])

@@ -70,7 +70,8 @@ def _q6k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Q6_K -> 8-bit codes on a lattice step S = d*sc_big/4 (sc_big: the pair's larger |scale|).
 
     The larger-scale half of each group of 32 lands exactly on the lattice (codes 4*(q-32));
-    the other half is rounded to it (error <= S/2), bias = -128*S (exact in fp16)."""
+    the other half is rounded to it (error <= S/2), bias = -128*S (exact in fp16). When the two
+    scales are equal and opposite the codes span -128..128, one too many: the top one clips (S)."""
     n = blocks.shape[0]
     ql = blocks[:, :128].reshape(n, 2, 1, 64)
     qh = blocks[:, 128:192].reshape(n, 2, 1, 32)
