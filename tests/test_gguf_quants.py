@@ -116,11 +116,12 @@ def test_fp16_overflow_returns_none():
     assert repack_k(raw, QT.Q4_K) is None
 
 
-def test_synthetic_model_with_every_k_type_keeps_them_and_runs(tmp_path):
+@pytest.mark.parametrize("tied", [False, True])
+def test_synthetic_model_with_every_k_type_keeps_them_and_runs(tmp_path, tied):
     types = {"attn_q": QT.Q4_K, "attn_k": QT.Q5_K, "attn_v": QT.Q6_K, "attn_output": QT.Q3_K,
              "ffn_gate": QT.Q2_K, "ffn_up": QT.Q4_K, "ffn_down": QT.Q6_K, "token_embd": QT.Q6_K}
     syn = write_synthetic(tmp_path / "k.gguf", "llama", hidden=256, heads=4, kv_heads=2, ff=256,
-                          types=types, tied=False)
+                          types=types, tied=tied)  # tied: the 8-bit embedding is the head too
     c = read_gguf(syn.path)
     assert c.metadata["dequantized"] == {}
     assert c.metadata["approximated"] == {"Q6_K": 5, "Q3_K": 2, "Q2_K": 2}
@@ -134,16 +135,16 @@ def test_synthetic_model_with_every_k_type_keeps_them_and_runs(tmp_path):
         s, b = (per_element(np.array(a.astype(mx.float32))) for a in (s, b))
         tol = s * 1.07 + b * 2 * FP16_EPS + 1e-6  # the loosest of the per-type bounds
         assert (np.abs(got - syn.expected[name]) <= tol).all(), name  # q/k rows unpermuted too
-    # mixed bits (2..8) build, and keep agrees with the float32 reference of the same file
+    # mixed bits (4, 5, 8) build; MLX's quantized matmul on them equals the same weights in float32
     keep = build_model(c.config, c.weights, c.quantization, quantized="keep")
-    ref = read_gguf(syn.path, k_quants=False)
-    assert ref.metadata["dequantized"] == {k.name: n for k, n in
-                                           {QT.Q4_K: 4, QT.Q5_K: 2, QT.Q6_K: 5, QT.Q3_K: 2,
-                                            QT.Q2_K: 2}.items()}
-    deq = build_model(ref.config, ref.weights, ref.quantization, quantized="dequantize")
+    deq = build_model(c.config, c.weights, c.quantization, quantized="dequantize")
     tokens = mx.array([[1, 5, 9, 2, 7]])
-    a, b = keep(tokens).astype(mx.float32), deq(tokens).astype(mx.float32)
-    assert mx.abs(a - b).max().item() < 0.1 * mx.abs(b).max().item()
+    a, b = keep(tokens), deq(tokens)
+    # random blocks make large weights, so rounding differences between the two paths (and the CPU
+    # path's fast exp) grow through the layers; a wrong layout or bit width would differ by O(1)
+    assert mx.abs(a - b).max().item() <= 1e-2 * mx.abs(b).max().item()
+    ref = read_gguf(syn.path, k_quants=False)  # the float32 reference keeps gguf's values
+    assert ref.metadata["dequantized"] == {"Q4_K": 4, "Q5_K": 2, "Q6_K": 5, "Q3_K": 2, "Q2_K": 2}
 
 
 def test_unkept_types_are_logged_once(tmp_path, caplog):
