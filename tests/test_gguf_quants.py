@@ -37,6 +37,12 @@ def mlx_values(packed, scales, biases, bits: int) -> np.ndarray:
                                   bits=bits))
 
 
+def _q6k_clash(raw: np.ndarray) -> np.ndarray:
+    """(blocks, 8): groups of 32 whose two sub-block scales are equal and opposite (not 0)."""
+    sc = raw.reshape(-1, 210)[:, 192:208].copy().view(np.int8).astype(np.int16)
+    return (sc[:, 0::2] == -sc[:, 1::2]) & (sc[:, 0::2] != 0)
+
+
 def per_element(a: np.ndarray) -> np.ndarray:
     return np.repeat(np.abs(a.astype(np.float32)), 32, axis=-1)
 
@@ -58,10 +64,9 @@ def _relative_bound(raw, qtype, scales, biases):
         qmax = 2 ** K_BITS[qtype] - 1
         return FP16_EPS * (qmax * exact_s + exact_b) * 1.001
     if qtype == QT.Q6_K:  # half a lattice step, plus 128 codes times the fp16 rounding of it;
-        # a whole step where the pair's scales are opposite and equal (codes -128..128 in 8 bits)
-        sc = raw.reshape(-1, 210)[:, 192:208].copy().view(np.int8).astype(np.int16)
-        clash = np.repeat((sc[:, 0::2] == -sc[:, 1::2]) & (sc[:, 0::2] != 0), 32, axis=-1)
-        return s * (np.where(clash.reshape(s.shape), 1.0, 0.5) + 128 * FP16_EPS) * 1.001
+        # groups with equal and opposite scales also round their bias (-127.5 steps)
+        clash = np.repeat(_q6k_clash(raw), 32, axis=-1).reshape(s.shape)
+        return s * (0.5 + np.where(clash, 256, 128) * FP16_EPS) * 1.001
     # min/max requantization: half a step, plus fp16 rounding of bias and of (2^b - 1) steps
     return (s * (0.5 + (2 ** K_BITS[qtype] - 1) * FP16_EPS) + b * FP16_EPS) * 1.001
 
@@ -98,9 +103,24 @@ def test_q6_k_larger_scale_half_is_exact():
     sc = raw.reshape(-1, 210)[:, 192:208].copy().view(np.int8).astype(np.int16).reshape(5, -1, 2)
     second = (np.abs(sc[..., 1]) > np.abs(sc[..., 0]))[..., None]  # (rows, groups, 1)
     big_half = np.where(second, np.arange(32) >= 16, np.arange(32) < 16)  # larger-scale half
+    big_half &= ~_q6k_clash(raw).reshape(5, -1, 1)  # equal |scales|: both halves rounded
     step = per_element(scales).reshape(5, -1, 32)
     assert (err.reshape(5, -1, 32)[big_half] <= (128 * FP16_EPS * step * 1.001)[big_half]).all()
     assert err.max() > 0  # the other half is rounded: the test would notice a no-op
+
+
+def test_q6_k_equal_and_opposite_scales_fit_8_bits():
+    raw = random_blocks((4, 512), QT.Q6_K, np.random.default_rng(4)).reshape(-1, 210)
+    raw[:, 192:208] = np.tile(np.array([50, -50, -128, 127, 7, -7, 0, 0], np.int8), 2).view(np.uint8)
+    raw[:, [0, 16]] &= 0xF0  # elements 0 and 16 (one per half of group 0): q = 0, i.e. -32,
+    raw[:, [128, 144]] &= 0xFC  # the extreme codes -128 and +128 that 8 bits cannot both hold
+    raw = raw.reshape(4, -1)
+    packed, scales, biases = repack_k(raw, QT.Q6_K)
+    err = np.abs(mlx_values(packed, scales, biases, 8) - dequantize(raw, QT.Q6_K))
+    step = per_element(scales)
+    assert (err <= step * (0.5 + 256 * FP16_EPS) + 2**8 * FP16_SUBNORMAL).all()
+    clash = np.tile([True, False, True, False], 4 * 2 * 2)  # groups (50, -50) and (7, -7)
+    assert (np.abs(scales.reshape(-1)[clash]) > 0).all()
 
 
 def test_chunked_rows_match_unchunked(monkeypatch):

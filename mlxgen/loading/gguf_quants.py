@@ -71,7 +71,8 @@ def _q6k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
     The larger-scale half of each group of 32 lands exactly on the lattice (codes 4*(q-32));
     the other half is rounded to it (error <= S/2), bias = -128*S (exact in fp16). When the two
-    scales are equal and opposite the codes span -128..128, one too many: the top one clips (S)."""
+    scales are equal and opposite the codes would span -128..128, one too many for 8 bits: those
+    groups use the step 64*d*|sc|/255 and bias -127.5 steps instead (both halves rounded, <= S/2)."""
     n = blocks.shape[0]
     ql = blocks[:, :128].reshape(n, 2, 1, 64)
     qh = blocks[:, 128:192].reshape(n, 2, 1, 32)
@@ -82,11 +83,14 @@ def _q6k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     d = blocks[:, 208:210].copy().view(np.float16).astype(np.float32)
     pick = np.abs(sc[..., 1]) > np.abs(sc[..., 0])
     big = np.where(pick, sc[..., 1], sc[..., 0])
-    ratio = (4 * sc / np.where(big == 0, 1, big)[..., None]).astype(np.float32)  # (n, 8, 2)
-    codes = np.rint(ratio[..., None] * q.reshape(n, 8, 2, 16)) + 128
+    clash = (sc[..., 0] == -sc[..., 1]) & (big != 0)
+    per_step = np.where(clash, np.float32(255 / 64), np.float32(4))  # lattice steps per d*sc_big
+    offset = np.where(clash, np.float32(127.5), np.float32(128))
+    ratio = (per_step[..., None] * sc / np.where(big == 0, 1, big)[..., None]).astype(np.float32)
+    codes = np.rint(ratio[..., None] * q.reshape(n, 8, 2, 16) + offset[..., None, None])
     codes = np.clip(codes, 0, 255).astype(np.uint8).reshape(n, 8, 32)
-    scales = _fp16(d * big / 4)
-    return codes, scales, -128 * scales
+    scales = _fp16(d * big / per_step)
+    return codes, scales, _fp16(-offset * scales.astype(np.float32))
 
 
 def _minmax(values: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
