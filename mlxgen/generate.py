@@ -9,13 +9,12 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import mlx.core as mx
-from mlx_lm.sample_utils import make_logits_processors
 
 from . import backends, settings
 from .backends.metal.memory import wired_limit
 from .errors import ConfigError, MlxgenError, PromptTooLongError
 from .prefill import prefill
-from .sampling import StreamSampler
+from .sampling import StreamSampler, sample_utils
 from .tokenizer import Tokenizer, check_text
 
 # ... or a segment prompt [text, Chunk, ..., text] (mlxgen.reuse.compose).
@@ -189,7 +188,7 @@ def _stream_generate(
     max_tokens = min(params.max_tokens, context - len(ids))
     sampler = StreamSampler(params.temperature, params.top_p, params.min_p, params.top_k,
                             params.seed)
-    processors = make_logits_processors(
+    processors = sample_utils.make_logits_processors(
         repetition_penalty=params.repetition_penalty,
         repetition_context_size=params.repetition_context_size,
     )

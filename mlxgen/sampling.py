@@ -7,8 +7,33 @@ global state when unseeded) and splits it per token; the global state is never l
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from types import ModuleType
+
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+
+def _mlx_lm_sample_utils() -> ModuleType:
+    """mlx_lm.sample_utils (math and mlx.core only) without running mlx_lm's package __init__,
+    which imports its converter and transformers: seconds of every cold start otherwise."""
+    if "mlx_lm.sample_utils" in sys.modules:
+        return sys.modules["mlx_lm.sample_utils"]
+    try:
+        package = importlib.util.find_spec("mlx_lm")
+        spec = importlib.util.spec_from_file_location(
+            "mlx_lm.sample_utils", f"{package.submodule_search_locations[0]}/sample_utils.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except (ImportError, OSError, AttributeError, TypeError):  # its layout changed: import it whole
+        import mlx_lm.sample_utils as module
+    sys.modules["mlx_lm.sample_utils"] = module  # what `import mlx_lm` will then reuse
+    return module
+
+
+sample_utils = _mlx_lm_sample_utils()
+apply_min_p, apply_top_k, apply_top_p = (sample_utils.apply_min_p, sample_utils.apply_top_k,
+                                         sample_utils.apply_top_p)
 
 
 def stream_key(seed: int | None) -> mx.array:
