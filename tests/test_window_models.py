@@ -323,3 +323,17 @@ def test_phi3_longrope_factor_count():
     cfg["partial_rotary_factor"] = 0.5
     with pytest.raises(mlxgen.errors.UnsupportedModelError, match="3 entries.*needs 4"):
         model_from_config(cfg)
+
+
+def test_info_shows_window_and_rope_scaling(refs):
+    from mlxgen.info import rope_summary, window_summary
+
+    g3 = ours(refs("gemma3")).args
+    assert window_summary(g3) == f"{WINDOW} tokens on 2 of 4 layers"
+    assert rope_summary(g3) == "theta=1e+06, linear scaling x4; sliding layers theta=10000"
+    phi = ours(refs("phi3-longrope")).args
+    assert rope_summary(phi) == ("theta=10000, longrope scaling (original context 64), "
+                                 "rotary on 0.5 of each head")
+    assert window_summary(phi).startswith("none")
+    yarn = ours(refs("qwen2-yarn")).args
+    assert rope_summary(yarn) == "theta=1e+06, yarn scaling x4 (original context 64)"
