@@ -337,3 +337,135 @@ def test_info_shows_window_and_rope_scaling(refs):
     assert window_summary(phi).startswith("none")
     yarn = ours(refs("qwen2-yarn")).args
     assert rope_summary(yarn) == "theta=1e+06, yarn scaling x4 (original context 64)"
+
+
+# --- GGUF: gemma2 / gemma3 architectures, YaRN keys ---------------------------------------------
+
+SPM_TOKENS = (["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
+              + ["\u2581", "t", "h", "e", "\u2581t", "he", "\u2581the", "<start_of_turn>",
+                 "<end_of_turn>"])
+SPM_TYPES = [3, 3, 3, 2] + [6] * 256 + [1] * 7 + [3, 3]
+_GGUF_NAMES = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def write_gemma_gguf(path, ref, arch: str) -> None:
+    """Write a transformers Gemma as llama.cpp's converter does: norms stored as 1 + w."""
+    from gguf import GGUFWriter
+
+    c = ref.config
+    w = GGUFWriter(str(path), arch)
+    w.add_uint32(f"{arch}.block_count", c.num_hidden_layers)
+    w.add_uint32(f"{arch}.context_length", c.max_position_embeddings)
+    w.add_uint32(f"{arch}.embedding_length", c.hidden_size)
+    w.add_uint32(f"{arch}.feed_forward_length", c.intermediate_size)
+    w.add_uint32(f"{arch}.attention.head_count", c.num_attention_heads)
+    w.add_uint32(f"{arch}.attention.head_count_kv", c.num_key_value_heads)
+    w.add_uint32(f"{arch}.attention.key_length", c.head_dim)
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", c.rms_norm_eps)
+    w.add_uint32(f"{arch}.attention.sliding_window", c.sliding_window)
+    if arch == "gemma2":
+        w.add_float32(f"{arch}.rope.freq_base", 10000.0)
+        w.add_float32(f"{arch}.attn_logit_softcapping", c.attn_logit_softcapping)
+        w.add_float32(f"{arch}.final_logit_softcapping", c.final_logit_softcapping)
+    else:
+        w.add_float32(f"{arch}.rope.freq_base", 1e6)
+        w.add_string(f"{arch}.rope.scaling.type", "linear")
+        w.add_float32(f"{arch}.rope.scaling.factor", 4.0)
+    w.add_string("tokenizer.ggml.model", "llama")
+    w.add_array("tokenizer.ggml.tokens", SPM_TOKENS)
+    w.add_array("tokenizer.ggml.token_type", SPM_TYPES)
+    w.add_array("tokenizer.ggml.scores", [0.0] * len(SPM_TOKENS))
+    w.add_uint32("tokenizer.ggml.bos_token_id", 2)
+    w.add_uint32("tokenizer.ggml.eos_token_id", 1)
+    w.add_bool("tokenizer.ggml.add_space_prefix", False)
+    for name, t in ref.state_dict().items():
+        a = t.detach().float().numpy()
+        if name == "lm_head.weight":
+            continue  # tied
+        if name.endswith("norm.weight"):
+            a = a + 1.0
+        if name == "model.embed_tokens.weight":
+            gname = "token_embd.weight"
+        elif name == "model.norm.weight":
+            gname = "output_norm.weight"
+        else:
+            _, _, i, rest = name.split(".", 3)
+            module = rest.rsplit(".", 1)[0]
+            gname = f"blk.{i}.{_GGUF_NAMES[module]}.weight"
+        w.add_tensor(gname, np.ascontiguousarray(a))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+GGUF_CASES = {
+    # llama.cpp's semantics: attention scale head_dim^-1/2, gemma3's 1-in-6 global layers,
+    # local base 10000, linear scaling on the global layers.
+    "gemma3": dict(model_type="gemma3_text", num_hidden_layers=6, sliding_window=16, head_dim=32,
+                   query_pre_attn_scalar=32, sliding_window_pattern=6,
+                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                    "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                       "rope_theta": 1e6}}),
+    "gemma2": dict(model_type="gemma2", sliding_window=16, head_dim=32, query_pre_attn_scalar=32),
+}
+
+
+@pytest.mark.parametrize("arch", list(GGUF_CASES))
+def test_gemma_gguf_matches_transformers(tmp_path, record_diff, arch):
+    kw = dict(BASE, vocab_size=len(SPM_TOKENS), **GGUF_CASES[arch])
+    model_type = kw.pop("model_type")
+    config = transformers.AutoConfig.for_model(model_type, **kw)
+    ref = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager",
+                                                        dtype=torch.float32)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for _, p in ref.named_parameters():
+            p.copy_(0.15 * torch.randn(p.shape, generator=gen))
+    ref.eval()
+    path = tmp_path / f"{arch}.gguf"
+    write_gemma_gguf(path, ref, arch)
+    model, tok = mlxgen.load(str(path))
+    assert model.args.model_type == model_type and model.args.sliding_window == 16
+    assert model.args.layer_windows() == [None if t == "full_attention" else 16
+                                          for t in ref.config.layer_types]
+    rng = np.random.default_rng(0)
+    for n in (7, 100):
+        ids = rng.integers(0, len(SPM_TOKENS), size=(1, n))
+        want = torch_logits(ref, ids)
+        diff = record_diff(model(mx.array(ids)), mx.array(want), f"{arch} gguf L={n}")
+        assert diff <= TOL, f"{arch} gguf L={n}: {diff}"
+    # SentencePiece without a space prefix; "x" is not a piece: byte fallback.
+    assert tok.encode("the", add_special_tokens=False) == [SPM_TOKENS.index(t) for t in ("t", "he")]
+    assert tok.encode("x", add_special_tokens=False) == [4 + ord("x")]
+    assert tok.encode(" the", add_special_tokens=False) == [SPM_TOKENS.index("\u2581the")]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in ("the the", " the", "héllo 👋 <end_of_turn> x=1"):
+        assert tok.encode(text, add_special_tokens=False) == hf_tok.encode(text, add_special_tokens=False), text
+
+
+def test_yarn_from_gguf_keys(tmp_path):
+    from gguf_fixtures import write_synthetic
+
+    from mlxgen.loading.gguf import read_gguf
+
+    meta = {"qwen2.rope.scaling.type": "yarn", "qwen2.rope.scaling.factor": 4.0,
+            "qwen2.rope.scaling.original_context_length": 64}
+    path = write_synthetic(tmp_path / "y.gguf", "qwen2", qkv_bias=True, extra_meta=meta).path
+    contents = read_gguf(path)
+    assert contents.config["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0,
+                                               "original_max_position_embeddings": 64}
+    model, _ = mlxgen.load(str(path))
+    rope = model.layers[0].self_attn.rope
+    hf_like = model_from_config(dict(contents.config, rope_scaling={
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}))
+    want = hf_like.layers[0].self_attn.rope
+    assert rope.mscale == pytest.approx(0.1 * np.log(4.0) + 1)
+    assert mx.allclose(rope.inverse_frequencies(), want.inverse_frequencies()).item()

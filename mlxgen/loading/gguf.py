@@ -23,7 +23,8 @@ from gguf.quants import dequantize as gguf_dequantize
 from ..errors import ModelLoadError, UnsupportedModelError
 from .gguf_tokenizer import TokenizerParts, tokenizer_from_gguf
 
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe",
+                 "gemma2": "gemma2", "gemma3": "gemma3_text"}
 # Types whose blocks are exactly MLX affine groups of 32 (w = scale * q + bias), and their bits.
 NATIVE_BITS = {QT.Q4_0: 4, QT.Q4_1: 4, QT.Q5_0: 5, QT.Q5_1: 5, QT.Q8_0: 8}
 _FLOAT_DTYPES = {QT.F32: np.float32, QT.F16: np.float16, QT.F64: np.float64}
@@ -236,18 +237,24 @@ _LAYER_NAMES = {
     "ffn_gate_exps": "mlp.experts.gate_proj", "ffn_up_exps": "mlp.experts.up_proj",
     "ffn_down_exps": "mlp.experts.down_proj",
 }
+# Gemma's four norms per layer: llama.cpp's ffn_norm is the pre-feed-forward one there.
+_GEMMA_LAYER_NAMES = {
+    **_LAYER_NAMES, "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+}
 
 
-def hf_module_name(gguf_name: str) -> tuple[str, str]:
+def hf_module_name(gguf_name: str, arch: str = "llama") -> tuple[str, str]:
     """'blk.3.attn_q.weight' -> ('model.layers.3.self_attn.q_proj', 'weight')."""
     stem, _, suffix = gguf_name.rpartition(".")
     parts = stem.split(".")
+    names = _GEMMA_LAYER_NAMES if arch.startswith("gemma") else _LAYER_NAMES
     if len(parts) == 1 and stem in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[stem], suffix
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}", suffix
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in names:
+        return f"model.layers.{parts[1]}.{names[parts[2]]}", suffix
     raise UnsupportedModelError(
-        f"GGUF tensor {gguf_name!r} has no place in the supported llama/qwen2/qwen3/qwen3_moe "
+        f"GGUF tensor {gguf_name!r} has no place in the supported llama/qwen2/qwen3/qwen3_moe/gemma "
         "layouts; this file holds a variant mlxgen cannot run."
     )
 
@@ -303,6 +310,15 @@ def _config(meta: dict, arch: str, names: set[str], vocab_size: int, path: Path)
             "rope_type": scaling, "factor": float(get("rope.scaling.factor", 1.0)),
             "original_max_position_embeddings": get("rope.scaling.original_context_length", None),
         }
+    if arch.startswith("gemma"):
+        layers = config["num_hidden_layers"]
+        config["sliding_window"] = int(get("attention.sliding_window"))
+        # llama.cpp scales attention by head_dim^-1/2, except the 27B models (hidden / heads).
+        big = (arch, layers) in (("gemma2", 46), ("gemma3", 62))
+        config["query_pre_attn_scalar"] = hidden // heads if big else config["head_dim"]
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if get(key, None) is not None:
+                config[key] = float(get(key))
     if moe:
         config.update(
             num_experts=int(get("expert_count")),
@@ -315,7 +331,8 @@ def _config(meta: dict, arch: str, names: set[str], vocab_size: int, path: Path)
 
 
 def read_gguf(path: str | os.PathLike, dequantize: bool = False) -> GGUFContents:
-    """Load a llama/qwen2/qwen3/qwen3moe GGUF as an HF-layout config, weights and tokenizer."""
+    """Load a llama/qwen2/qwen3/qwen3moe/gemma2/gemma3 GGUF as an HF-layout config, weights and
+    tokenizer."""
     path = Path(path)
     header = read_gguf_header(path)
     meta = header.metadata
@@ -338,12 +355,14 @@ def read_gguf(path: str | os.PathLike, dequantize: bool = False) -> GGUFContents
             freqs = _load_tensor(header.buffer, t, native=False)[0]
             config["rope_freq_factors"] = freqs.astype(mx.float32).tolist()
             continue
-        module, suffix = hf_module_name(t.name)
+        module, suffix = hf_module_name(t.name, arch)
         native = not dequantize and t.qtype in NATIVE_BITS and len(t.shape) >= 2
         arrays = _load_tensor(header.buffer, t, native)
         kind = t.name.split(".")[-2]
         if arch == "llama" and kind in heads:
             arrays = [_unpermute_rows(a, heads[kind]) for a in arrays]
+        if arch.startswith("gemma") and kind.endswith("norm"):  # llama.cpp stored 1 + w
+            arrays = [a - 1.0 for a in arrays]
         if len(arrays) == 3:
             for key, array in zip(("weight", "scales", "biases"), arrays):
                 weights[f"{module}.{key}"] = array
