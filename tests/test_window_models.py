@@ -43,6 +43,9 @@ CASES = {
     "gemma3": dict(model_type="gemma3_text", sliding_window=WINDOW, head_dim=32,
                    layer_types=ALTERNATE, rope_parameters=GEMMA3_ROPE),
     "phi3-window": dict(model_type="phi3", sliding_window=WINDOW),
+    # Qwen2's optional windows: layers from max_window_layers on.
+    "qwen2-window": dict(model_type="qwen2", use_sliding_window=True, sliding_window=WINDOW,
+                         max_window_layers=2),
     # Phi-4-mini's shape of RoPE: partial rotary with LongRoPE (long factors past 64 tokens).
     "phi3-longrope": dict(model_type="phi3", original_max_position_embeddings=64,
                           max_position_embeddings=1024,
@@ -152,6 +155,14 @@ def test_gemma3_config_layouts(refs, record_diff):
     v5_mm = {k.replace("model.", "model.language_model.", 1): v for k, v in weights.items()}
     compare(ours(ref, {"model_type": "gemma3", "text_config": config}, v5_mm), ref, record_diff,
             "gemma3 multimodal v5 names")
+
+
+def test_qwen2_window_layers_in_both_layouts(refs):
+    config = refs("qwen2-window").config.to_dict()
+    assert config["layer_types"] == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    old = {k: v for k, v in config.items() if k != "layer_types"}
+    for c in (config, old):
+        assert model_from_config(c).args.layer_windows() == [None, None, WINDOW, WINDOW]
 
 
 def test_gemma_layers(refs):
@@ -355,8 +366,9 @@ _GGUF_NAMES = {
 }
 
 
-def write_gemma_gguf(path, ref, arch: str) -> None:
-    """Write a transformers Gemma as llama.cpp's converter does: norms stored as 1 + w."""
+def write_gemma_gguf(path, ref, arch: str, ollama: bool = False) -> None:
+    """Write a transformers Gemma as llama.cpp's converter does: norms stored as 1 + w (ollama:
+    as Ollama's converter names Gemma 3's two RoPE bases, with vision tensors in the file)."""
     from gguf import GGUFWriter
 
     c = ref.config
@@ -374,8 +386,14 @@ def write_gemma_gguf(path, ref, arch: str) -> None:
         w.add_float32(f"{arch}.rope.freq_base", 10000.0)
         w.add_float32(f"{arch}.attn_logit_softcapping", c.attn_logit_softcapping)
         w.add_float32(f"{arch}.final_logit_softcapping", c.final_logit_softcapping)
+    elif ollama:
+        w.add_float32(f"{arch}.rope.global.freq_base", 1e6)
+        w.add_float32(f"{arch}.rope.local.freq_base", 10000.0)
+        w.add_tensor("v.patch_embd.weight", np.zeros((4, 3), np.float32))
+        w.add_tensor("mm.mm_input_projection.weight", np.zeros((4, 4), np.float32))
     else:
         w.add_float32(f"{arch}.rope.freq_base", 1e6)
+    if arch == "gemma3":
         w.add_string(f"{arch}.rope.scaling.type", "linear")
         w.add_float32(f"{arch}.rope.scaling.factor", 4.0)
     w.add_string("tokenizer.ggml.model", "llama")
@@ -418,8 +436,9 @@ GGUF_CASES = {
 }
 
 
-@pytest.mark.parametrize("arch", list(GGUF_CASES))
+@pytest.mark.parametrize("arch", list(GGUF_CASES) + ["gemma3-ollama"])
 def test_gemma_gguf_matches_transformers(tmp_path, record_diff, arch):
+    arch, _, ollama = arch.partition("-")
     kw = dict(BASE, vocab_size=len(SPM_TOKENS), **GGUF_CASES[arch])
     model_type = kw.pop("model_type")
     config = transformers.AutoConfig.for_model(model_type, **kw)
@@ -431,7 +450,7 @@ def test_gemma_gguf_matches_transformers(tmp_path, record_diff, arch):
             p.copy_(0.15 * torch.randn(p.shape, generator=gen))
     ref.eval()
     path = tmp_path / f"{arch}.gguf"
-    write_gemma_gguf(path, ref, arch)
+    write_gemma_gguf(path, ref, arch, ollama=bool(ollama))
     model, tok = mlxgen.load(str(path))
     assert model.args.model_type == model_type and model.args.sliding_window == 16
     assert model.args.layer_windows() == [None if t == "full_attention" else 16

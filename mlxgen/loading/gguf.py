@@ -316,6 +316,10 @@ def _config(meta: dict, arch: str, names: set[str], vocab_size: int, path: Path)
         # llama.cpp scales attention by head_dim^-1/2, except the 27B models (hidden / heads).
         big = (arch, layers) in (("gemma2", 46), ("gemma3", 62))
         config["query_pre_attn_scalar"] = hidden // heads if big else config["head_dim"]
+        # Ollama's own converter writes the two RoPE bases of Gemma 3 under these names.
+        config["rope_theta"] = float(get("rope.global.freq_base", config["rope_theta"]))
+        if get("rope.local.freq_base", None) is not None:
+            config["rope_local_base_freq"] = float(get("rope.local.freq_base"))
         for key in ("attn_logit_softcapping", "final_logit_softcapping"):
             if get(key, None) is not None:
                 config[key] = float(get(key))
@@ -355,6 +359,8 @@ def read_gguf(path: str | os.PathLike, dequantize: bool = False) -> GGUFContents
             freqs = _load_tensor(header.buffer, t, native=False)[0]
             config["rope_freq_factors"] = freqs.astype(mx.float32).tolist()
             continue
+        if arch == "gemma3" and t.name.startswith(("v.", "mm.")):
+            continue  # the vision tower and projector of a multimodal file: text only here
         module, suffix = hf_module_name(t.name, arch)
         native = not dequantize and t.qtype in NATIVE_BITS and len(t.shape) >= 2
         arrays = _load_tensor(header.buffer, t, native)
