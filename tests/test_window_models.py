@@ -353,9 +353,9 @@ def test_info_shows_window_and_rope_scaling(refs):
 # --- GGUF: gemma2 / gemma3 architectures, YaRN keys ---------------------------------------------
 
 SPM_TOKENS = (["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
-              + ["\u2581", "t", "h", "e", "\u2581t", "he", "\u2581the", "<start_of_turn>",
-                 "<end_of_turn>"])
-SPM_TYPES = [3, 3, 3, 2] + [6] * 256 + [1] * 7 + [3, 3]
+              + ["\u2581", "t", "h", "e", "\u2581t", "he", "\u2581the", "  ", "   ",
+                 "<start_of_turn>", "<end_of_turn>"])
+SPM_TYPES = [3, 3, 3, 2] + [6] * 256 + [1] * 9 + [3, 3]
 _GGUF_NAMES = {
     "input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
     "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
@@ -466,7 +466,8 @@ def test_gemma_gguf_matches_transformers(tmp_path, record_diff, arch):
     assert tok.encode("x", add_special_tokens=False) == [4 + ord("x")]
     assert tok.encode(" the", add_special_tokens=False) == [SPM_TOKENS.index("\u2581the")]
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
-    for text in ("the the", " the", "héllo 👋 <end_of_turn> x=1"):
+    assert tok.encode("a   b", add_special_tokens=False)[1] == SPM_TOKENS.index("   ")
+    for text in ("the the", " the", "héllo 👋 <end_of_turn> x=1", "if x:\n    return  the"):
         assert tok.encode(text, add_special_tokens=False) == hf_tok.encode(text, add_special_tokens=False), text
 
 
