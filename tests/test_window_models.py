@@ -453,6 +453,8 @@ def test_gemma_gguf_matches_transformers(tmp_path, record_diff, arch):
     write_gemma_gguf(path, ref, arch, ollama=bool(ollama))
     model, tok = mlxgen.load(str(path))
     assert model.args.model_type == model_type and model.args.sliding_window == 16
+    if arch == "gemma3":
+        assert (model.args.rope_theta, model.args.rope_local_base_freq) == (1e6, 10000.0)
     assert model.args.layer_windows() == [None if t == "full_attention" else 16
                                           for t in ref.config.layer_types]
     rng = np.random.default_rng(0)
