@@ -491,3 +491,90 @@ def test_yarn_from_gguf_keys(tmp_path):
     want = hf_like.layers[0].self_attn.rope
     assert rope.mscale == pytest.approx(0.1 * np.log(4.0) + 1)
     assert mx.allclose(rope.inverse_frequencies(), want.inverse_frequencies()).item()
+
+
+def write_phi3_gguf(path, ref, q8_fused: bool = False) -> None:
+    """A transformers Phi-3 as llama.cpp writes it: fused attn_qkv and ffn_up (gate, up),
+    LongRoPE factors as tensors, the rotary share as rope.dimension_count."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import quantize
+
+    c = ref.config
+    rp = c.rope_parameters
+    head_dim = c.hidden_size // c.num_attention_heads
+    w = GGUFWriter(str(path), "phi3")
+    for key, value in (("block_count", c.num_hidden_layers), ("context_length", c.max_position_embeddings),
+                       ("embedding_length", c.hidden_size), ("feed_forward_length", c.intermediate_size),
+                       ("attention.head_count", c.num_attention_heads),
+                       ("attention.head_count_kv", c.num_key_value_heads),
+                       ("rope.dimension_count", int(head_dim * rp["partial_rotary_factor"])),
+                       ("rope.scaling.original_context_length", rp["original_max_position_embeddings"]),
+                       ("attention.sliding_window", c.sliding_window)):
+        w.add_uint32(f"phi3.{key}", value)
+    w.add_float32("phi3.attention.layer_norm_rms_epsilon", c.rms_norm_eps)
+    w.add_float32("phi3.rope.freq_base", rp["rope_theta"])
+    w.add_string("tokenizer.ggml.model", "llama")
+    w.add_array("tokenizer.ggml.tokens", SPM_TOKENS)
+    w.add_array("tokenizer.ggml.token_type", SPM_TYPES)
+    w.add_uint32("tokenizer.ggml.bos_token_id", 2)
+    w.add_uint32("tokenizer.ggml.eos_token_id", 1)
+    w.add_tensor("rope_factors_long.weight", np.array(rp["long_factor"], np.float32))
+    w.add_tensor("rope_factors_short.weight", np.array(rp["short_factor"], np.float32))
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+             "self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output",
+             "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    glob = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+            "lm_head.weight": "output.weight"}
+    for name, t in ref.state_dict().items():
+        a = np.ascontiguousarray(t.detach().float().numpy())
+        if name in glob:
+            w.add_tensor(glob[name], a)
+            continue
+        _, _, i, rest = name.split(".", 3)
+        module = rest.rsplit(".", 1)[0]
+        # q8_fused: fused tensors Q8_0, the other projections Q4_0 (the file's default then)
+        qtype = {"self_attn.qkv_proj": GGMLQuantizationType.Q8_0,
+                 "mlp.gate_up_proj": GGMLQuantizationType.Q8_0,
+                 "self_attn.o_proj": GGMLQuantizationType.Q4_0,
+                 "mlp.down_proj": GGMLQuantizationType.Q4_0}.get(module) if q8_fused else None
+        if qtype is not None:
+            w.add_tensor(f"blk.{i}.{names[module]}.weight", quantize(a, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(f"blk.{i}.{names[module]}.weight", a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_phi3_gguf_matches_transformers(tmp_path, record_diff, monkeypatch):
+    kw = dict(BASE, vocab_size=len(SPM_TOKENS), **CASES["phi3-longrope"], sliding_window=WINDOW)
+    kw.pop("model_type")
+    config = transformers.AutoConfig.for_model("phi3", **kw)
+    ref = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager",
+                                                        dtype=torch.float32)
+    gen = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            p.copy_(0.15 * torch.randn(p.shape, generator=gen) + (1.0 if "norm" in name else 0.0))
+    ref.eval()
+    write_phi3_gguf(tmp_path / "phi3.gguf", ref)
+    model, _ = mlxgen.load(str(tmp_path / "phi3.gguf"))
+    a = model.args
+    assert (a.partial_rotary_factor, a.sliding_window, a.rope_scaling["rope_type"]) == (0.5, WINDOW, "longrope")
+    ids = np.random.default_rng(0).integers(0, len(SPM_TOKENS), size=(1, 100))  # past 64: long factors
+    want = mx.array(torch_logits(ref, ids))
+    assert record_diff(model(mx.array(ids)), want, "phi3 gguf L=100") <= TOL
+    # Quantized fused projections: the split q/k/v and gate/up keep the file's 8 bits.
+    write_phi3_gguf(tmp_path / "phi3-q8.gguf", ref, q8_fused=True)
+    monkeypatch.setenv("MLXGEN_QUANTIZED", "keep")
+    from mlxgen.loading.gguf import read_gguf
+
+    q = read_gguf(tmp_path / "phi3-q8.gguf").quantization
+    assert q["bits"] == 4  # the most common setting, which the split q/k/v, gate/up must not take
+    assert q["model.layers.0.self_attn.k_proj"] == q["model.layers.0.mlp.up_proj"] == {"group_size": 32, "bits": 8}
+    model, _ = mlxgen.load(str(tmp_path / "phi3-q8.gguf"))
+    assert "scales" in model.layers[0].self_attn.k_proj  # kept quantized, split
+    deq = read_gguf(tmp_path / "phi3-q8.gguf", dequantize=True)
+    same_values = build_model(deq.config, deq.weights)
+    assert max_diff(model(mx.array(ids)), same_values(mx.array(ids))) < TOL

@@ -24,7 +24,7 @@ from ..errors import ModelLoadError, UnsupportedModelError
 from .gguf_tokenizer import TokenizerParts, tokenizer_from_gguf
 
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe",
-                 "gemma2": "gemma2", "gemma3": "gemma3_text"}
+                 "gemma2": "gemma2", "gemma3": "gemma3_text", "phi3": "phi3"}
 # Types whose blocks are exactly MLX affine groups of 32 (w = scale * q + bias), and their bits.
 NATIVE_BITS = {QT.Q4_0: 4, QT.Q4_1: 4, QT.Q5_0: 5, QT.Q5_1: 5, QT.Q8_0: 8}
 _FLOAT_DTYPES = {QT.F32: np.float32, QT.F16: np.float16, QT.F64: np.float64}
@@ -242,13 +242,18 @@ _GEMMA_LAYER_NAMES = {
     **_LAYER_NAMES, "post_attention_norm": "post_attention_layernorm",
     "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
 }
+# Phi-3 keeps q/k/v and gate/up fused (the model splits them at load: llama.Model.sanitize).
+_PHI3_LAYER_NAMES = {**_LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+_FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+          "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 
 
 def hf_module_name(gguf_name: str, arch: str = "llama") -> tuple[str, str]:
     """'blk.3.attn_q.weight' -> ('model.layers.3.self_attn.q_proj', 'weight')."""
     stem, _, suffix = gguf_name.rpartition(".")
     parts = stem.split(".")
-    names = _GEMMA_LAYER_NAMES if arch.startswith("gemma") else _LAYER_NAMES
+    names = (_GEMMA_LAYER_NAMES if arch.startswith("gemma")
+             else _PHI3_LAYER_NAMES if arch == "phi3" else _LAYER_NAMES)
     if len(parts) == 1 and stem in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[stem], suffix
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in names:
@@ -323,6 +328,18 @@ def _config(meta: dict, arch: str, names: set[str], vocab_size: int, path: Path)
         for key in ("attn_logit_softcapping", "final_logit_softcapping"):
             if get(key, None) is not None:
                 config[key] = float(get(key))
+    if arch == "phi3":
+        rotary = get("rope.dimension_count", None)
+        if rotary is not None:
+            config["partial_rotary_factor"] = int(rotary) / config["head_dim"]
+        if get("attention.sliding_window", None):
+            config["sliding_window"] = int(get("attention.sliding_window"))
+        if names & {"rope_factors_long.weight", "rope_factors_short.weight"}:  # LongRoPE (tensors)
+            original = get("rope.scaling.original_context_length", None)
+            config["rope_scaling"] = {
+                "rope_type": "longrope", "original_max_position_embeddings": original,
+                "attention_factor": get("rope.scaling.attn_factor", None),
+            }
     if moe:
         config.update(
             num_experts=int(get("expert_count")),
@@ -335,7 +352,7 @@ def _config(meta: dict, arch: str, names: set[str], vocab_size: int, path: Path)
 
 
 def read_gguf(path: str | os.PathLike, dequantize: bool = False) -> GGUFContents:
-    """Load a llama/qwen2/qwen3/qwen3moe/gemma2/gemma3 GGUF as an HF-layout config, weights and
+    """Load a llama/qwen2/qwen3/qwen3moe/gemma2/gemma3/phi3 GGUF as an HF-layout config, weights and
     tokenizer."""
     path = Path(path)
     header = read_gguf_header(path)
@@ -359,6 +376,10 @@ def read_gguf(path: str | os.PathLike, dequantize: bool = False) -> GGUFContents
             freqs = _load_tensor(header.buffer, t, native=False)[0]
             config["rope_freq_factors"] = freqs.astype(mx.float32).tolist()
             continue
+        if t.name in ("rope_factors_long.weight", "rope_factors_short.weight"):
+            factors = _load_tensor(header.buffer, t, native=False)[0].astype(mx.float32).tolist()
+            config["rope_scaling"]["long_factor" if "long" in t.name else "short_factor"] = factors
+            continue
         if arch == "gemma3" and t.name.startswith(("v.", "mm.")):
             continue  # the vision tower and projector of a multimodal file: text only here
         module, suffix = hf_module_name(t.name, arch)
@@ -380,6 +401,11 @@ def read_gguf(path: str | os.PathLike, dequantize: bool = False) -> GGUFContents
                 dequantized_types[t.qtype.name] += 1
     if quantization:  # default = the most common native setting; every module is listed too
         bits = Counter(q["bits"] for q in quantization.values()).most_common(1)[0][0]
+        for module, setting in list(quantization.items()):
+            for fused, parts in _FUSED.items():  # split projections keep the fused tensor's
+                if module.endswith(fused):
+                    for part in parts:
+                        quantization[module.removesuffix(fused) + part] = setting
         quantization = {"group_size": 32, "bits": bits, **quantization}
 
     file_type = meta.get("general.file_type")
