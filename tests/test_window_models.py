@@ -578,3 +578,16 @@ def test_phi3_gguf_matches_transformers(tmp_path, record_diff, monkeypatch):
     deq = read_gguf(tmp_path / "phi3-q8.gguf", dequantize=True)
     same_values = build_model(deq.config, deq.weights)
     assert max_diff(model(mx.array(ids)), same_values(mx.array(ids))) < TOL
+
+
+@pytest.mark.parametrize("case", ["gemma2", "gemma3", "phi3-longrope"])
+def test_float16_mac_profile_runs_close(refs, case):
+    """float16 (what a Mac runs; MLX's own ops here): the same model within float16 noise."""
+    ref = refs(case)
+    f32 = ours(ref)
+    f16 = build_model(ref.config.to_dict(), to_mx(ref.state_dict()), dtype="float16")
+    assert f16.model.norm.weight.dtype == mx.float16
+    ids = mx.array(np.random.default_rng(5).integers(0, VOCAB, size=(1, 80)))
+    cache = f16.make_cache()
+    got = mx.concatenate([f16(ids[:, :50], cache), f16(ids[:, 50:], cache)], axis=1)
+    assert got.dtype == mx.float16 and max_diff(got, f32(ids)) < 1e-2
