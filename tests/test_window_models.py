@@ -591,3 +591,12 @@ def test_float16_mac_profile_runs_close(refs, case):
     cache = f16.make_cache()
     got = mx.concatenate([f16(ids[:, :50], cache), f16(ids[:, 50:], cache)], axis=1)
     assert got.dtype == mx.float16 and max_diff(got, f32(ids)) < 1e-2
+
+
+def test_cache_without_the_layers_window_is_refused(refs):
+    from mlxgen.cache import make_cache
+    from mlxgen.errors import ConfigError
+
+    model = ours(refs("gemma3"))
+    with pytest.raises(ConfigError, match="sliding window of 32 tokens.*model.make_cache"):
+        model(mx.array([[1, 2, 3]]), make_cache(len(model.layers)))

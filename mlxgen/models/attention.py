@@ -5,6 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..errors import ConfigError
 from .base import ModelArgs
 from .rope import RoPE
 
@@ -77,6 +78,12 @@ class Attention(nn.Module):
             else:
                 mask = "causal" if n > 1 else None
         else:
+            if getattr(cache, "window", None) != self.window:
+                raise ConfigError(
+                    f"this layer attends through a sliding window of {self.window} tokens but its "
+                    f"cache was made for {getattr(cache, 'window', None)}; make caches with "
+                    "model.make_cache()."
+                )
             q, k, v = cache.rotate_and_update(q, k, v, self.rope)
             mask = cache.attention_mask(q.shape[2])
         if last_only:  # the last query sees every key that a given mask's last row allows

@@ -38,6 +38,7 @@ class ScatterView:
 
     def __init__(self, cache: KVCache, positions: mx.array, n_keys: int):
         self.cache, self.positions, self.n_keys = cache, positions, n_keys
+        self.window = cache.window
         self.mask = cache.visible(positions, n_keys)  # a windowed layer sees less
 
     def rotate_and_update(self, queries, keys, values, rope):

@@ -29,7 +29,7 @@ class KernelAttention(Attention):
     def attend(self, q: mx.array, k: mx.array, v: mx.array, cache, last_only: bool) -> mx.array:
         # Decode steps over a pre-RoPE cache: keys rotated in registers while they are read.
         # (A windowed cache needs a mask, and a scaled or partial RoPE a rotation, the kernel lacks.)
-        if (cache is None or not cache.pre_rope or q.shape[2] > DECODE_ROWS or cache.window
+        if (cache is None or not cache.pre_rope or q.shape[2] > DECODE_ROWS or self.window
                 or self.rope.mscale != 1.0 or self.rope.dims != self.head_dim):
             return super().attend(q, k, v, cache, last_only)
         cache.update_and_fetch(k, v)
