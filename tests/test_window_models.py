@@ -600,3 +600,16 @@ def test_cache_without_the_layers_window_is_refused(refs):
     model = ours(refs("gemma3"))
     with pytest.raises(ConfigError, match="sliding window of 32 tokens.*model.make_cache"):
         model(mx.array([[1, 2, 3]]), make_cache(len(model.layers)))
+
+
+def test_phi3_v4_layout_with_su_scaling(refs, record_diff):
+    """Phi-3's original config.json: rope_scaling {"type": "su"}, with the original context and
+    the rotary share at the top level."""
+    ref = refs("phi3-longrope")
+    config = ref.config.to_dict()
+    rp = config.pop("rope_parameters")
+    config.update(rope_theta=rp["rope_theta"], partial_rotary_factor=rp["partial_rotary_factor"],
+                  original_max_position_embeddings=rp["original_max_position_embeddings"],
+                  rope_scaling={"type": "su", "short_factor": rp["short_factor"],
+                                "long_factor": rp["long_factor"]})
+    compare(ours(ref, config), ref, record_diff, "phi3 su v4 layout", (300,))
