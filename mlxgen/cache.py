@@ -4,7 +4,13 @@ mode decides when keys are rotated (and a fused kernel may later rotate inside a
 - KVCache (standard, mlx-lm's behaviour): keys are stored rotated at their positions.
 - PreRopeKVCache: keys are stored as projected (after Qwen3's k_norm), before rotation, and rotated
   when attended. RoPE is the identity at position 0, so these are "keys encoded at position 0":
-  position-independent K/V that can be placed anywhere (mlxgen/reuse)."""
+  position-independent K/V that can be placed anywhere (mlxgen/reuse).
+
+Either cache may have a sliding `window` (Mistral v0.1, Gemma's local layers): a query at position
+p sees keys p - window + 1 .. p. A windowed cache drops the keys no later query can see (in steps
+of `step` tokens, so a decode step never copies), so it holds at most window + step + a prefill
+chunk's tokens; `start` is the position of its first stored token. Only attending drops keys:
+reuse surgery (mlxgen/reuse/placement.py) may write anywhere from `start` on."""
 
 from __future__ import annotations
 
@@ -26,42 +32,75 @@ class KVCache:
     step = 256
     pre_rope = False
 
-    def __init__(self) -> None:
+    def __init__(self, window: int | None = None, keep_all: bool = False) -> None:
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
-        self.offset = 0
+        self.offset = 0  # tokens seen (the position of the next one)
+        self.start = 0  # position of the first stored token
+        self.window = window
+        self.keep_all = keep_all  # a windowed cache that keeps every token (chunk encoding)
 
     def rotate_and_update(
         self, queries: mx.array, keys: mx.array, values: mx.array, rope: Rope
     ) -> tuple[mx.array, mx.array, mx.array]:
         """Rotate q/k by the current offset, append k/v; return (queries, all keys, all values)."""
+        self.drop_unseen()
         queries, keys = rope.pair(queries, keys, self.offset)
         keys, values = self.update_and_fetch(keys, values)
         return queries, keys, values
 
     def attention_mask(self, n_queries: int) -> Mask:
         """Mask for the queries just passed to rotate_and_update (the last cached tokens)."""
+        if self.window is not None and self.offset - self.start > self.window:
+            positions = mx.arange(self.offset - n_queries, self.offset)
+            return self.visible(positions, self.offset)
         return "causal" if n_queries > 1 else None
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        prev = self.offset
-        n = keys.shape[2]
-        if self.keys is None or prev + n > self.keys.shape[2]:
-            self._grow(keys, values, prev + n)
-        self.offset += n
-        self.keys[..., prev : self.offset, :] = keys
-        self.values[..., prev : self.offset, :] = values
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+    def visible(self, positions: mx.array, n_keys: int) -> mx.array:
+        """(m, n_keys - start) bool: which stored keys (positions start .. n_keys - 1) queries at
+        `positions` may see: those at or before them, and inside the window."""
+        keys = mx.arange(self.start, n_keys)[None]
+        queries = positions[:, None]
+        seen = keys <= queries
+        if self.window is not None:
+            seen = seen & (keys > queries - self.window)
+        return seen
 
-    def _grow(self, keys: mx.array, values: mx.array, needed: int) -> None:
-        B, H, _, Dk = keys.shape
-        Dv = values.shape[3]
+    def drop_unseen(self) -> None:
+        """Windowed: forget the keys that no query from `offset` on can see, once a whole
+        `step` of them has accumulated (the copy is then rare and the memory stays bounded)."""
+        if self.window is None or self.keep_all or self.keys is None:
+            return
+        first = self.offset - self.window + 1
+        if first - self.start >= self.step:
+            self._realloc(first - self.start, self.offset - first)
+            self.start = first
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        prev = self.offset - self.start
+        n = keys.shape[2]
+        if self.keys is None:
+            B, H, _, Dk = keys.shape
+            self.keys = mx.zeros((B, H, 0, Dk), keys.dtype)
+            self.values = mx.zeros((B, H, 0, values.shape[3]), values.dtype)
+        if prev + n > self.keys.shape[2]:
+            self._realloc(0, prev + n)
+        self.offset += n
+        self.keys[..., prev : prev + n, :] = keys
+        self.values[..., prev : prev + n, :] = values
+        return self.keys[..., : prev + n, :], self.values[..., : prev + n, :]
+
+    def _realloc(self, drop: int, needed: int) -> None:
+        # New buffers of a multiple of `step` rows holding stored tokens drop.. (up to offset).
+        B, H, _, Dk = self.keys.shape
+        Dv = self.values.shape[3]
         size = ((needed + self.step - 1) // self.step) * self.step
-        new_k = mx.zeros((B, H, size, Dk), keys.dtype)
-        new_v = mx.zeros((B, H, size, Dv), values.dtype)
-        if self.keys is not None and self.offset > 0:
-            new_k[..., : self.offset, :] = self.keys[..., : self.offset, :]
-            new_v[..., : self.offset, :] = self.values[..., : self.offset, :]
+        new_k = mx.zeros((B, H, size, Dk), self.keys.dtype)
+        new_v = mx.zeros((B, H, size, Dv), self.values.dtype)
+        used = self.offset - self.start
+        if used > drop:
+            new_k[..., : used - drop, :] = self.keys[..., drop:used, :]
+            new_v[..., : used - drop, :] = self.values[..., drop:used, :]
         self.keys, self.values = new_k, new_v
 
     @property
@@ -72,16 +111,21 @@ class KVCache:
         return [self.keys, self.values]
 
     def trim(self, n: int) -> int:
-        """Drop the last `n` cached tokens (e.g. when a conversation diverges); returns how many."""
+        """Drop the last `n` cached tokens (e.g. when a conversation diverges); returns how many.
+        A windowed cache that already forgot keys the shortened prefix would need is emptied."""
         n = min(self.offset, n)
         self.offset -= n
+        if self.start > 0 and self.offset - self.window + 1 < self.start:
+            n += self.offset
+            self.offset = self.start = 0
         return n
 
     @property
     def nbytes(self) -> int:
-        if self.keys is None:
+        if self.keys is None or self.keys.shape[2] == 0:
             return 0
-        return (self.keys.nbytes + self.values.nbytes) * self.offset // self.keys.shape[2]
+        stored = self.offset - self.start
+        return (self.keys.nbytes + self.values.nbytes) * stored // self.keys.shape[2]
 
 
 class PreRopeKVCache(KVCache):
@@ -95,16 +139,25 @@ class PreRopeKVCache(KVCache):
     def rotate_and_update(
         self, queries: mx.array, keys: mx.array, values: mx.array, rope: Rope
     ) -> tuple[mx.array, mx.array, mx.array]:
+        self.drop_unseen()
         queries = rope(queries, self.offset)
         keys, values = self.update_and_fetch(keys, values)
-        # Token j's stored key is its key at position 0; rope(keys, 0) rotates it to position j.
-        return queries, rope(keys, 0), values
+        # Stored key j is its key at position 0; rope(keys, start) rotates it to position start + j.
+        return queries, rope(keys, self.start), values
 
 
 CACHE_CLASSES = {"standard": KVCache, "pre-rope": PreRopeKVCache}
 
 
-def make_cache(num_layers: int, mode: str | None = None, default: str = "standard") -> list[KVCache]:
-    """One cache per layer; mode "standard" or "pre-rope" (else MLXGEN_CACHE_MODE, else default)."""
+def make_cache(
+    num_layers: int,
+    mode: str | None = None,
+    default: str = "standard",
+    windows: list[int | None] | None = None,
+    keep_all: bool = False,
+) -> list[KVCache]:
+    """One cache per layer; mode "standard" or "pre-rope" (else MLXGEN_CACHE_MODE, else default).
+    windows: each layer's sliding window (None: full attention); keep_all: never drop tokens."""
     cls = CACHE_CLASSES[settings.cache_mode(mode, default)]
-    return [cls() for _ in range(num_layers)]
+    windows = windows or [None] * num_layers
+    return [cls(windows[i], keep_all) for i in range(num_layers)]

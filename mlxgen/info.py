@@ -33,7 +33,8 @@ def describe(model: nn.Module, tokenizer) -> dict[str, str]:
         "quantized (loaded)": f"{len(quantized)} layers" if quantized else "no (dequantized or float)",
         "quantized (file)": str(info.quantization) if info and info.quantization else "no",
         "context length": str(args.max_position_embeddings),
-        "rope": f"theta={args.rope_theta:g} scaling={args.rope_scaling}",
+        "rope": rope_summary(args),
+        "sliding window": window_summary(args),
         "vocab": str(tokenizer.vocab_size),
         "chat template": "yes" if tokenizer.chat_template else "no",
         "eos ids": str(sorted(tokenizer.eos_token_ids)),
@@ -41,6 +42,32 @@ def describe(model: nn.Module, tokenizer) -> dict[str, str]:
         "runs on": _runs_on(model),
         "cpu blas": blas_in_use() if device.is_cpu() else "-",
     }
+
+
+def rope_summary(args) -> str:
+    """RoPE base, scaling type with its factor, partial rotary and Gemma 3's local base."""
+    scaling = args.rope_scaling or {}
+    text = f"theta={args.rope_theta:g}"
+    if scaling:
+        text += f", {scaling.get('rope_type')} scaling"
+        if scaling.get("factor") is not None:
+            text += f" x{scaling['factor']:g}"
+        if scaling.get("original_max_position_embeddings"):
+            text += f" (original context {scaling['original_max_position_embeddings']})"
+    if args.partial_rotary_factor != 1.0:
+        text += f", rotary on {args.partial_rotary_factor:g} of each head"
+    if args.rope_local_base_freq is not None and args.sliding_window:
+        text += f"; sliding layers theta={args.rope_local_base_freq:g}"
+    return text
+
+
+def window_summary(args) -> str:
+    """Which layers attend through a sliding window, and its size."""
+    windows = args.layer_windows()
+    n = sum(w is not None for w in windows)
+    if n == 0:
+        return "none (every layer sees the whole context)"
+    return f"{args.sliding_window} tokens on {n} of {len(windows)} layers"
 
 
 def _runs_on(model: nn.Module) -> str:

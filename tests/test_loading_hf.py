@@ -18,6 +18,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
 import mlxgen
+from mlxgen import backends
 from mlxgen.errors import ModelLoadError, UnsupportedModelError
 from mlxgen.models import SUPPORTED_MODEL_TYPES
 
@@ -198,12 +199,24 @@ def test_mlx_quantized(tmp_path, randomize, record_diff, config, capsys):
         assert kept.model.embed_tokens.bits == 4  # tied: the quantized embedding is the head too
     assert record_diff(kept(x), want, "keep") <= 1e-4
 
-    # Default on the CPU: dequantized to float32, the same numbers up to summation order.
-    deq, _ = mlxgen.load(tmp_path / "q")
+    # quantized="dequantize": float32, the same numbers up to summation order.
+    deq, _ = mlxgen.load(tmp_path / "q", quantized="dequantize")
     params = tree_flatten(deq.parameters())
     assert not any(k.endswith(".scales") for k, _ in params)
     assert all(v.dtype == mx.float32 for _, v in params)
     assert record_diff(deq(x), want, "dequantized") <= 1e-3
+
+    # The default keeps the weights packed where this backend multiplies them (on the CPU: with
+    # mlxgen's kernels); only the CPU's MoE expert stacks are dequantized.
+    auto, _ = mlxgen.load(tmp_path / "q")
+    scales = {k for k, _ in tree_flatten(auto.parameters()) if k.endswith(".scales")}
+    experts = {k for k, _ in tree_flatten(ref.parameters()) if k.endswith(".scales") and "switch_mlp" in k}
+    if backends.keep_quantized():
+        cpu_experts = experts if backends.device.is_cpu() else set()
+        assert len(scales) == n_quantized - len(cpu_experts)
+    else:
+        assert not scales
+    assert record_diff(auto(x), want, "default") <= 1e-3
 
 
 def test_mlx_quantized_other_mode_is_rejected(tmp_path, randomize):

@@ -262,7 +262,11 @@ def test_llama3_original_context_matters(pairs):
 
 @pytest.mark.parametrize(
     "scaling",
-    [None, LLAMA3_SCALING, {"rope_type": "linear", "factor": 4.0}, {"type": "linear", "factor": 2.0}],
+    [None, LLAMA3_SCALING, {"rope_type": "linear", "factor": 4.0}, {"type": "linear", "factor": 2.0},
+     {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512},
+     {"type": "longrope", "original_max_position_embeddings": 512,
+      "short_factor": [1.0 + 0.1 * i for i in range(16)],
+      "long_factor": [1.0 + 0.3 * i for i in range(16)]}],
 )
 def test_rope_tables_match_mlx_lm(scaling):
     from mlx_lm.models.rope_utils import initialize_rope
@@ -270,8 +274,8 @@ def test_rope_tables_match_mlx_lm(scaling):
     from mlxgen.models.base import _rope_settings
 
     dims, base = 32, 10000.0
-    _, norm_scaling = _rope_settings({"rope_theta": base, "rope_scaling": scaling})
-    ours = RoPE(dims, base, scaling=norm_scaling)
+    _, norm_scaling, _, _ = _rope_settings({"rope_theta": base, "rope_scaling": scaling})
+    ours = RoPE(dims, base, scaling=norm_scaling, max_position_embeddings=2048)
     ref = initialize_rope(dims, base, False, scaling, 2048)
     x = mx.random.normal((1, 2, 50, dims), key=mx.random.key(0))
     for offset in (0, 17, 1000):
@@ -279,8 +283,20 @@ def test_rope_tables_match_mlx_lm(scaling):
 
 
 def test_unsupported_rope_type():
-    cfg = dict(CONFIGS["llama"], rope_scaling={"rope_type": "yarn", "factor": 4.0})
-    with pytest.raises(UnsupportedModelError, match="yarn"):
+    cfg = dict(CONFIGS["llama"], rope_scaling={"rope_type": "spiral", "factor": 4.0})
+    with pytest.raises(UnsupportedModelError, match="spiral.*supported: .*yarn"):
+        model_from_config(cfg)
+
+
+@pytest.mark.parametrize("scaling,missing", [
+    ({"rope_type": "yarn", "factor": 4.0}, "original_max_position_embeddings"),
+    ({"rope_type": "linear"}, "factor"),
+    ({"rope_type": "longrope", "original_max_position_embeddings": 64,
+      "short_factor": [1.0] * 8}, "long_factor"),
+])
+def test_incomplete_rope_scaling(scaling, missing):
+    cfg = dict(CONFIGS["llama"], rope_scaling=scaling)
+    with pytest.raises(UnsupportedModelError, match=missing):
         model_from_config(cfg)
 
 

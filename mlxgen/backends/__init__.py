@@ -36,11 +36,12 @@ def keep_quantized(policy: str | None = None) -> bool:
     return not device.is_cpu() or cpu.quantized_kernels()
 
 
-def dequantize_here(module) -> bool:
-    """Kept-quantized layers this device cannot multiply well: bit widths a CUDA build lacks, and
-    on the CPU the MoE expert stacks (MLX's gather_qmm; mlxgen has no CPU kernel for them)."""
+def dequantize_here(module, policy: str | None = None) -> bool:
+    """Kept-quantized layers this device cannot multiply: bit widths a CUDA build lacks; and, for
+    policy "auto", the MoE expert stacks on the CPU (MLX's gather_qmm there is far slower than
+    float32, and mlxgen has no CPU kernel for them). An explicit "keep" keeps them."""
     if hasattr(module, "dequantized_module"):
-        return device.is_cpu()
+        return device.is_cpu() and settings.quantized_policy(policy) == "auto"
     return not device.supported_bits(module.bits, module.group_size)
 
 

@@ -172,7 +172,7 @@ def build_model(
     if not backends.keep_quantized(quantized):
         dequantize_model(model, float_dtype)
     else:
-        dequantize_model(model, float_dtype, backends.dequantize_here)
+        dequantize_model(model, float_dtype, lambda m: backends.dequantize_here(m, quantized))
     model.set_dtype(float_dtype)
     if not lazy:
         mx.eval(model.parameters())

@@ -30,7 +30,8 @@ from .gguf_tokenizer import TokenizerParts, tokenizer_from_gguf
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe",
+                 "gemma2": "gemma2", "gemma3": "gemma3_text", "phi3": "phi3"}
 # Types whose blocks are exactly MLX affine groups of 32 (w = scale * q + bias), and their bits.
 NATIVE_BITS = {QT.Q4_0: 4, QT.Q4_1: 4, QT.Q5_0: 5, QT.Q5_1: 5, QT.Q8_0: 8}
 _FLOAT_DTYPES = {QT.F32: np.float32, QT.F16: np.float16, QT.F64: np.float64}
@@ -288,18 +289,29 @@ _LAYER_NAMES = {
     "ffn_gate_exps": "mlp.experts.gate_proj", "ffn_up_exps": "mlp.experts.up_proj",
     "ffn_down_exps": "mlp.experts.down_proj",
 }
+# Gemma's four norms per layer: llama.cpp's ffn_norm is the pre-feed-forward one there.
+_GEMMA_LAYER_NAMES = {
+    **_LAYER_NAMES, "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+}
+# Phi-3 keeps q/k/v and gate/up fused (the model splits them at load: llama.Model.sanitize).
+_PHI3_LAYER_NAMES = {**_LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+_FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+          "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 
 
-def hf_module_name(gguf_name: str) -> tuple[str, str]:
+def hf_module_name(gguf_name: str, arch: str = "llama") -> tuple[str, str]:
     """'blk.3.attn_q.weight' -> ('model.layers.3.self_attn.q_proj', 'weight')."""
     stem, _, suffix = gguf_name.rpartition(".")
     parts = stem.split(".")
+    names = (_GEMMA_LAYER_NAMES if arch.startswith("gemma")
+             else _PHI3_LAYER_NAMES if arch == "phi3" else _LAYER_NAMES)
     if len(parts) == 1 and stem in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[stem], suffix
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}", suffix
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in names:
+        return f"model.layers.{parts[1]}.{names[parts[2]]}", suffix
     raise UnsupportedModelError(
-        f"GGUF tensor {gguf_name!r} has no place in the supported llama/qwen2/qwen3/qwen3_moe "
+        f"GGUF tensor {gguf_name!r} has no place in the supported llama/qwen2/qwen3/qwen3_moe/gemma "
         "layouts; this file holds a variant mlxgen cannot run."
     )
 
@@ -370,6 +382,31 @@ def _config(meta: dict, arch: str, names, vocab_size: int, path: Path) -> dict:
             "rope_type": scaling, "factor": get("rope.scaling.factor", 1.0, kind=float),
             "original_max_position_embeddings": get("rope.scaling.original_context_length", None),
         }
+    if arch.startswith("gemma"):
+        layers = config["num_hidden_layers"]
+        config["sliding_window"] = get("attention.sliding_window")
+        # llama.cpp scales attention by head_dim^-1/2, except the 27B models (hidden / heads).
+        big = (arch, layers) in (("gemma2", 46), ("gemma3", 62))
+        config["query_pre_attn_scalar"] = hidden // heads if big else config["head_dim"]
+        # Ollama's own converter writes the two RoPE bases of Gemma 3 under these names.
+        config["rope_theta"] = get("rope.global.freq_base", config["rope_theta"], kind=float)
+        if get("rope.local.freq_base", None, kind=float) is not None:
+            config["rope_local_base_freq"] = get("rope.local.freq_base", kind=float)
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if get(key, None, kind=float) is not None:
+                config[key] = get(key, kind=float)
+    if arch == "phi3":
+        rotary = get("rope.dimension_count", None)
+        if rotary is not None:
+            config["partial_rotary_factor"] = rotary / config["head_dim"]
+        if get("attention.sliding_window", None):
+            config["sliding_window"] = get("attention.sliding_window")
+        if set(names) & {"rope_factors_long.weight", "rope_factors_short.weight"}:  # LongRoPE tensors
+            original = get("rope.scaling.original_context_length", None)
+            config["rope_scaling"] = {
+                "rope_type": "longrope", "original_max_position_embeddings": original,
+                "attention_factor": get("rope.scaling.attn_factor", None, kind=float),
+            }
     if moe:
         config.update(
             num_experts=get("expert_count"),
@@ -385,7 +422,7 @@ def _config(meta: dict, arch: str, names, vocab_size: int, path: Path) -> dict:
         shapes = {}
         for name, shape in names.items():
             try:
-                module, suffix = hf_module_name(name)
+                module, suffix = hf_module_name(name, arch)
             except UnsupportedModelError:
                 continue  # rope_freqs and the like; unknown names are refused when loaded
             shapes[f"{module}.{suffix}"] = shape
@@ -406,7 +443,8 @@ _GGUF_KEYS = {
 def read_gguf(
     path: str | os.PathLike, dequantize: bool = False, k_quants: bool = True
 ) -> GGUFContents:
-    """Load a llama/qwen2/qwen3/qwen3moe GGUF as an HF-layout config, weights and tokenizer.
+    """Load a llama/qwen2/qwen3/qwen3moe/gemma2/gemma3/phi3 GGUF as an HF-layout config, weights
+    and tokenizer.
 
     dequantize: every tensor as float (the gguf package's values). Otherwise Q4_0..Q8_0 stay
     MLX-quantized (bit-exact), and with k_quants the K-quants too (Q4_K/Q5_K up to fp16 scales,
@@ -428,20 +466,30 @@ def read_gguf(
     weights: dict[str, mx.array] = {}
     quantization: dict[str, Any] = {}
     native_types, dequantized_types, approximated = Counter(), Counter(), Counter()
+    # llama3.1-style per-frequency divisors, and Phi-3's LongRoPE factors: config, not weights.
+    rope_tables = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
     jobs = []  # every name is checked before any tensor is read
     for t in header.tensors:
-        rope = t.name == "rope_freqs.weight"  # llama3.1-style per-frequency divisors
+        if arch == "gemma3" and t.name.startswith(("v.", "mm.")):
+            continue  # the vision tower and projector of a multimodal file: text only here
+        rope = t.name in rope_tables
         keep = not dequantize and not rope and quantized_bits(t.qtype) is not None and (
             len(t.shape) >= 2 and (k_quants or t.qtype in NATIVE_BITS))
-        jobs.append((t, keep, ("", "") if rope else hf_module_name(t.name)))
+        jobs.append((t, keep, ("", "") if rope else hf_module_name(t.name, arch)))
     for t, keep, (module, suffix) in jobs:
         arrays = _load_tensor(header.buffer, t, keep)
         if t.name == "rope_freqs.weight":
             config["rope_freq_factors"] = arrays[0].astype(mx.float32).tolist()
             continue
+        if t.name in rope_tables:
+            factors = arrays[0].astype(mx.float32).tolist()
+            config["rope_scaling"]["long_factor" if "long" in t.name else "short_factor"] = factors
+            continue
         kind = t.name.split(".")[-2]
         if arch == "llama" and kind in heads:
             arrays = [_unpermute_rows(a, heads[kind]) for a in arrays]
+        if arch.startswith("gemma") and kind.endswith("norm"):  # llama.cpp stored 1 + w
+            arrays = [a - 1.0 for a in arrays]
         if len(arrays) == 3:
             for key, array in zip(("weight", "scales", "biases"), arrays):
                 weights[f"{module}.{key}"] = array
@@ -455,6 +503,11 @@ def read_gguf(
                 dequantized_types[t.qtype.name] += 1
     if quantization:  # default = the most common native setting; every module is listed too
         bits = Counter(q["bits"] for q in quantization.values()).most_common(1)[0][0]
+        for module, setting in list(quantization.items()):
+            for fused, parts in _FUSED.items():  # split projections keep the fused tensor's
+                if module.endswith(fused):
+                    for part in parts:
+                        quantization[module.removesuffix(fused) + part] = setting
         quantization = {"group_size": 32, "bits": bits, **quantization}
     unkept = sorted(n for n in dequantized_types if quantized_bits(QT[n]) is None)
     if unkept and not dequantize:

@@ -160,6 +160,9 @@ def _sentencepiece_bpe(meta: dict, tokens: list[str], types: list[int]) -> Token
     # SentencePiece BPE repeatedly merges the adjacent pair whose union has the highest score;
     # ranking every (left, right) split of each piece by that score gives the same BPE merges.
     scores = list(meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
+    # Gemma's files spell its runs-of-spaces pieces with real spaces; text is matched after
+    # spaces become U+2581, so spell them that way (as transformers' GGUF conversion does).
+    tokens = ["\u2581" * len(t) if len(t) > 1 and not t.strip(" ") else t for t in tokens]
     vocab = _vocab(tokens)
     mergeable = {t for t, i in vocab.items() if types[i] in (NORMAL, USER_DEFINED)}
     ranked = []

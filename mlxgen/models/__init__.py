@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import llama, qwen3_moe
+from . import gemma, llama, qwen3_moe
 from .base import SUPPORTED_MODEL_TYPES, ModelArgs
 
 MODEL_CLASSES: dict[str, type[llama.Model]] = {
@@ -11,6 +11,10 @@ MODEL_CLASSES: dict[str, type[llama.Model]] = {
     "qwen2": llama.Model,
     "qwen3": llama.Model,
     "qwen3_moe": qwen3_moe.Model,
+    "phi3": llama.Model,  # fused projections split at load (llama.Model.sanitize)
+    "gemma2": gemma.Model,
+    "gemma3_text": gemma.Model,
+    "gemma3": gemma.Model,  # multimodal layout: its text_config (ModelArgs.from_config)
 }
 assert set(MODEL_CLASSES) == set(SUPPORTED_MODEL_TYPES)
 

@@ -1,4 +1,4 @@
-"""The shared decoder for the Llama family: Llama 2/3.x, Mistral, SmolLM2, Qwen2/2.5, Qwen3.
+"""The shared decoder for the Llama family: Llama 2/3.x, Mistral, SmolLM2, Qwen2/2.5, Qwen3, Phi-3.
 
 Differences are config flags (q/k/v bias, q/k norm, RoPE scaling, tied embeddings); Qwen3-MoE
 reuses everything here and swaps the feed-forward of its sparse layers (qwen3_moe.py)."""
@@ -38,9 +38,9 @@ def dense_mlp(args: ModelArgs, idx: int) -> nn.Module:
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs, mlp: nn.Module):
+    def __init__(self, args: ModelArgs, mlp: nn.Module, window: int | None = None):
         super().__init__()
-        self.self_attn = Attention(args)
+        self.self_attn = Attention(args, window)
         self.mlp = mlp
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
@@ -57,15 +57,21 @@ class DecoderStack(nn.Module):
     def __init__(self, args: ModelArgs, mlp_factory: Callable[[ModelArgs, int], nn.Module]):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        windows = args.layer_windows()
         self.layers = [
-            TransformerBlock(args, mlp_factory(args, i)) for i in range(args.num_hidden_layers)
+            TransformerBlock(args, mlp_factory(args, i), windows[i])
+            for i in range(args.num_hidden_layers)
         ]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def embed(self, inputs: mx.array) -> mx.array:
+        """Token ids -> the first layer's input (reuse/recompute starts here too)."""
+        return self.embed_tokens(inputs)
 
     def __call__(
         self, inputs: mx.array, cache: list | None = None, last_only: bool = False
     ) -> mx.array:
-        h = self.embed_tokens(inputs)
+        h = self.embed(inputs)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             h = layer(h, cache[i] if cache is not None else None, last_only and i == last)
@@ -76,13 +82,14 @@ class Model(nn.Module):
     """A causal LM: token ids (B, L) -> logits (B, L, vocab)."""
 
     mlp_factory: Callable[[ModelArgs, int], nn.Module] = staticmethod(dense_mlp)
+    stack: type[nn.Module] = DecoderStack  # the embedding, the layers and the final norm
     runtime = Runtime()  # how it runs here: set once at load by mlxgen/backends
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         self.model_type = args.model_type
-        self.model = DecoderStack(args, self.mlp_factory)
+        self.model = self.stack(args, self.mlp_factory)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
@@ -103,14 +110,29 @@ class Model(nn.Module):
     def layers(self) -> list[TransformerBlock]:
         return self.model.layers
 
-    def make_cache(self, mode: str | None = None) -> list[KVCache]:
+    def make_cache(self, mode: str | None = None, keep_all: bool = False) -> list[KVCache]:
         """A fresh cache; mode "standard" or "pre-rope" (default: MLXGEN_CACHE_MODE, else the
-        mode chosen for this device at load)."""
-        return make_cache(len(self.layers), mode, default=self.runtime.cache_mode)
+        mode chosen for this device at load). Sliding-window layers get windowed caches, which
+        hold only what the layer can still see unless keep_all."""
+        windows = [layer.self_attn.window for layer in self.layers]
+        return make_cache(len(self.layers), mode, self.runtime.cache_mode, windows, keep_all)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Drop tensors the model derives itself (tied head, RoPE tables)."""
+        """Drop tensors the model derives itself (tied head, RoPE tables); split Phi-3's fused
+        qkv_proj and gate_up_proj (rows: q, k, v; gate, up) into the separate projections."""
         weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        a = self.args
+        q_rows, kv_rows = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+        for key in [k for k in weights if ".qkv_proj." in k or ".gate_up_proj." in k]:
+            w = weights.pop(key)
+            if ".qkv_proj." in key:
+                parts = zip(("q_proj", "k_proj", "v_proj"), (0, q_rows, q_rows + kv_rows))
+                old, ends = "qkv_proj", (q_rows, q_rows + kv_rows, q_rows + 2 * kv_rows)
+            else:
+                parts = zip(("gate_proj", "up_proj"), (0, w.shape[0] // 2))
+                old, ends = "gate_up_proj", (w.shape[0] // 2, w.shape[0])
+            for (name, begin), end in zip(parts, ends):
+                weights[key.replace(old, name)] = w[begin:end]
         if self.args.tie_word_embeddings:
             for suffix in ("weight", "scales", "biases"):
                 weights.pop(f"lm_head.{suffix}", None)

@@ -59,7 +59,7 @@ def chunk_key(fingerprint: str, token_ids: Sequence[int]) -> str:
 def encode_chunk(model, token_ids: Sequence[int], chunk_size: int | None = None) -> ChunkKV:
     """Run the tokens alone from position 0 and keep every layer's unrotated K/V."""
     step = chunk_size_for(model, chunk_size)
-    cache = model.make_cache("pre-rope")
+    cache = model.make_cache("pre-rope", keep_all=True)  # every token's K/V, windowed or not
     tokens = mx.array(list(token_ids))
     for start in range(0, tokens.size, step):
         model.model(tokens[None, start : start + step], cache)  # hidden states are not needed

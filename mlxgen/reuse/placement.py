@@ -1,7 +1,8 @@
 """Cache surgery for reuse: placing stored K/V into a cache and rewriting cached tokens in place.
 
 Caches (mlxgen/cache.py) only store and rotate; these functions know the two storage forms:
-a standard cache holds keys rotated at their positions, a pre-RoPE cache holds them unrotated."""
+a standard cache holds keys rotated at their positions, a pre-RoPE cache holds them unrotated.
+Positions are absolute; a windowed cache stores positions from `cache.start` on."""
 
 from __future__ import annotations
 
@@ -25,12 +26,20 @@ def splice(cache: KVCache, keys: mx.array, values: mx.array, rope: Rope) -> None
 
 def write_at(cache: KVCache, positions: mx.array, keys: mx.array, values: mx.array, rope: Rope) -> None:
     """Overwrite already-cached tokens at `positions` with freshly computed (unrotated) K/V."""
-    cache.keys[..., positions, :] = keys if cache.pre_rope else rope_at(keys, positions, rope)
-    cache.values[..., positions, :] = values
+    rows = positions - cache.start
+    cache.keys[..., rows, :] = keys if cache.pre_rope else rope_at(keys, positions, rope)
+    cache.values[..., rows, :] = values
+
+
+def stored_at(cache: KVCache, positions: mx.array) -> tuple[mx.array, mx.array]:
+    """The stored (as stored: pre-RoPE or rotated) keys and values at `positions`."""
+    rows = positions - cache.start
+    return cache.keys[..., rows, :], cache.values[..., rows, :]
 
 
 def fetch(cache: KVCache, rope: Rope, n: int | None = None) -> tuple[mx.array, mx.array]:
-    """The first n (default: all) cached keys, rotated and ready to attend, and values."""
-    n = cache.offset if n is None else n
+    """The stored keys of positions start .. n - 1 (default: all), rotated and ready to attend,
+    and their values."""
+    n = (cache.offset if n is None else n) - cache.start
     keys = cache.keys[..., :n, :]
-    return (rope(keys, 0) if cache.pre_rope else keys), cache.values[..., :n, :]
+    return (rope(keys, cache.start) if cache.pre_rope else keys), cache.values[..., :n, :]

@@ -22,7 +22,7 @@ import numpy as np
 from ..cache import KVCache
 from ..errors import ConfigError
 from ..prefill import cache_state
-from .placement import fetch, rope_at, write_at
+from .placement import fetch, rope_at, stored_at, write_at
 
 STRATEGIES = ("deviation", "first", "mixed")
 DEFAULT_STRATEGY = "mixed"
@@ -36,8 +36,10 @@ class ScatterView:
 
     pre_rope = False  # what the attention layer sees: keys come back rotated, never a decode step
 
-    def __init__(self, cache: KVCache, positions: mx.array, mask: mx.array, n_keys: int):
-        self.cache, self.positions, self.mask, self.n_keys = cache, positions, mask, n_keys
+    def __init__(self, cache: KVCache, positions: mx.array, n_keys: int):
+        self.cache, self.positions, self.n_keys = cache, positions, n_keys
+        self.window = cache.window
+        self.mask = cache.visible(positions, n_keys)  # a windowed layer sees less
 
     def rotate_and_update(self, queries, keys, values, rope):
         write_at(self.cache, self.positions, keys, values, rope)
@@ -60,10 +62,9 @@ def forward_at(
         pos_list = positions[s : s + block]
         pos = mx.array(pos_list, dtype=mx.int32)
         n_keys = pos_list[-1] + 1  # later keys are masked anyway: leave them out
-        mask = mx.arange(n_keys)[None] <= pos[:, None]
         x = h[:, s : s + block]
         for i in layers:
-            x = model.layers[i](x, ScatterView(cache[i], pos, mask, n_keys))
+            x = model.layers[i](x, ScatterView(cache[i], pos, n_keys))
         outs.append(x)
         mx.async_eval(cache_state(cache))
     return mx.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
@@ -92,7 +93,7 @@ def recompute_placed(
     chunk tokens were recomputed through every layer."""
     n_chunk = sum(n for _, n in spans)
     budget = min(n_chunk, math.ceil(fraction * n_chunk - 1e-9))
-    embed = model.model.embed_tokens
+    embed = model.model.embed
     n_layers = len(model.layers)
     ids = mx.array(list(ids))
     if strategy == "first" or budget in (0, n_chunk):
@@ -106,9 +107,9 @@ def recompute_placed(
     c = min(CHECK_LAYERS, n_layers)
     placed = sorted(set(_all(spans)) | set(text_positions))
     pos = mx.array(placed)
-    old = (cache[c - 1].keys[..., pos, :], cache[c - 1].values[..., pos, :])
+    old = stored_at(cache[c - 1], pos)
     h = forward_at(model, cache, placed, embed(ids[pos][None]), range(c), block)
-    new = (cache[c - 1].keys[..., pos, :], cache[c - 1].values[..., pos, :])
+    new = stored_at(cache[c - 1], pos)
     dev = sum(((n - o) ** 2).sum(axis=(0, 1, 3)) / (o**2).sum(axis=(0, 1, 3)).mean()
               for o, n in zip(old, new))
     chosen = _pick(np.array(dev.astype(mx.float32)), placed, spans, budget, strategy)

@@ -54,6 +54,11 @@ class Session:
         keep = min(common_prefix(self.tokens, ids), len(ids) - 1) if self.reuse else 0
         for c in self.cache:
             c.trim(c.offset - keep)
+        if any(c.offset != keep for c in self.cache):
+            # A windowed layer had already forgotten keys that the kept prefix needs: start over.
+            for c in self.cache:
+                c.trim(c.offset)
+            keep = 0
         self.tokens = ids[:keep]
         out: list[int] = []
         kw.pop("parse_special", None)  # ids are already tokenized

@@ -86,10 +86,11 @@ class CpuRMSNorm(nn.RMSNorm):
 
 class CpuRoPE(RoPE):
     def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
-        if isinstance(offset, int) and x.ndim == 4 and x.dtype == mx.float32:
-            # One pass, reading the transposed projection in place.
-            return ext.loaded().rope(x, self.dims, self.traditional, self.inverse_frequencies(),
-                                     self.scale, offset)
+        if isinstance(offset, int) and x.ndim == 4 and x.dtype == mx.float32 and self.dims == x.shape[-1]:
+            # One pass, reading the transposed projection in place (partial rotary: MLX's op).
+            out = ext.loaded().rope(x, self.dims, self.traditional, self.inverse_frequencies(),
+                                    self.scale, offset)
+            return out if self.mscale == 1.0 else out * self.mscale
         return super().__call__(x, offset)
 
 

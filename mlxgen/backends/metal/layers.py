@@ -18,6 +18,8 @@ class KernelRoPE(RoPE):
 
     def pair(self, q: mx.array, k: mx.array, offset: int | mx.array = 0) -> tuple[mx.array, mx.array]:
         # q and k in one launch where measured faster; one tensor alone stays on mx.fast.rope.
+        if self.mscale != 1.0:  # (the kernel does not apply YaRN's / LongRoPE's factor)
+            return super().pair(q, k, offset)
         return fused_rope(q, k, self, offset, dispatch=self.dispatch)
 
 
@@ -26,7 +28,9 @@ class KernelAttention(Attention):
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, cache, last_only: bool) -> mx.array:
         # Decode steps over a pre-RoPE cache: keys rotated in registers while they are read.
-        if cache is None or not cache.pre_rope or q.shape[2] > DECODE_ROWS:
+        # (A windowed cache needs a mask, and a scaled or partial RoPE a rotation, the kernel lacks.)
+        if (cache is None or not cache.pre_rope or q.shape[2] > DECODE_ROWS or self.window
+                or self.rope.mscale != 1.0 or self.rope.dims != self.head_dim):
             return super().attend(q, k, v, cache, last_only)
         cache.update_and_fetch(k, v)
         # Whole buffers, not slices: the kernel reads the first `offset` rows without a copy.
