@@ -25,13 +25,13 @@ $(VENV)/.python:
 	$(PY) -m pip install -q --upgrade pip
 	touch $@
 
-$(VENV)/.installed: $(VENV)/.python pyproject.toml _mlxgen_blas.py mlxgen_blas.pth kernels/cpu/fast_math.cpp kernels/cpu/quant.cpp kernels/cpu/CMakeLists.txt
+$(VENV)/.installed: $(VENV)/.python pyproject.toml _mlxgen_blas.py mlxgen_blas.pth kernels/cpu/fast_math.cpp kernels/cpu/quant.cpp kernels/cpu/cpu_kernel.h kernels/cpu/CMakeLists.txt
 	@if [ "$$(uname)" = Linux ] && ! ldconfig -p 2>/dev/null | grep -q libopenblas.so.0; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas0-pthread >/dev/null; \
 	  else echo "note: install libopenblas0-pthread (apt) for a fast CPU backend"; fi; fi
 	$(PY) -m pip install -q -e ".$(if $(RUN_EXTRAS),[$(RUN_EXTRAS)])"
-	$(if $(BACKEND),$(PY) -m mlxgen.backends.cpu.ext  # build the CPU kernels once (~30 s))
+	$(if $(BACKEND),$(PY) -c "from mlxgen.backends.cpu import ext; ext.main()"  # build the CPU kernels once (~30 s))
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

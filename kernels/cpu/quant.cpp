@@ -364,33 +364,7 @@ void dequantize(const QWeight& q, int bits, float* out, int threads) {
   }
 }
 
-// A float32-output MLX primitive running a task on the CPU stream (as fast_math.cpp's CpuKernel).
-using Task = std::function<void()>;
-using Kernel = std::function<Task(const std::vector<mx::array>&, float*)>;
-
-class QuantKernel : public mx::Primitive {
- public:
-  QuantKernel(mx::Stream s, const char* name, Kernel fn) : mx::Primitive(s), name_(name), fn_(std::move(fn)) {}
-  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
-    auto& y = out[0];
-    y.set_data(mx::allocator::malloc(y.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) enc.set_input_array(a);
-    enc.set_output_array(y);
-    enc.dispatch(fn_(in, y.data<float>()));
-  }
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error(std::string("mlxgen CPU kernel ") + name_ + " has no GPU version.");
-  }
-  const char* name() const override { return name_; }
-  bool is_equivalent(const mx::Primitive&) const override { return false; }
-
- private:
-  const char* name_;
-  Kernel fn_;
-};
-
-mx::Stream cpu_stream() { return mx::default_stream(mx::Device::cpu); }
+#include "cpu_kernel.h"  // CpuKernel, cpu_stream()
 
 [[noreturn]] void bad(const std::string& what) { throw std::invalid_argument(what); }
 
@@ -451,7 +425,7 @@ mx::array qmatvec_op(const mx::array& x, const mx::array& w, const mx::array& sc
       qmatvec(q, bits, xp, out, m, threads);
     };
   };
-  return mx::array(shape, mx::float32, std::make_shared<QuantKernel>(s, "MlxgenQuantMatvec", std::move(fn)),
+  return mx::array(shape, mx::float32, std::make_shared<CpuKernel>(s, "MlxgenQuantMatvec", std::move(fn)),
                    {xc, wc, sc, bc});
 }
 
@@ -465,7 +439,7 @@ mx::array dequantize_op(const mx::array& w, const mx::array& scales, const mx::a
     return [=, q = weight_view(in, st, k, group_size)] { dequantize(q, bits, out, threads); };
   };
   return mx::array({w.shape(0), static_cast<int>(k)}, mx::float32,
-                   std::make_shared<QuantKernel>(s, "MlxgenDequantize", std::move(fn)), {wc, sc, bc});
+                   std::make_shared<CpuKernel>(s, "MlxgenDequantize", std::move(fn)), {wc, sc, bc});
 }
 
 }  // namespace

@@ -9,7 +9,7 @@ and nanobind (dependencies on Linux); it is cached under `<MLXGEN_CACHE_DIR>/cpu
 keyed by the sources, MLX, nanobind, Python and the CPU's feature flags.
 When anything is missing the build fails once, is logged, and ops.py keeps its MLX-op forms.
 
-    python -m mlxgen.backends.cpu.ext   # build now (make setup does) and say where
+    python -c "from mlxgen.backends.cpu import ext; ext.main()"   # build now (make setup does it)
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from ..sources import read_source
 
 log = logging.getLogger("mlxgen")
 
-SOURCES = ("cpu/fast_math.cpp", "cpu/quant.cpp", "cpu/CMakeLists.txt")
+SOURCES = ("cpu/fast_math.cpp", "cpu/quant.cpp", "cpu/cpu_kernel.h", "cpu/CMakeLists.txt")
 MODULE = "_mlxgen_cpu"
 BUILD_TIMEOUT_S = 600
 
@@ -194,5 +194,5 @@ def main() -> None:
           f"mlxgen CPU kernels: not built ({error}); prefill uses MLX ops.")
 
 
-if __name__ == "__main__":  # python -m mlxgen.backends.cpu.ext
+if __name__ == "__main__":
     main()
