@@ -47,6 +47,16 @@ def _randomize(module, seed: int = 0, scale: float = 0.2) -> None:
     mx.eval(module.parameters())
 
 
+@pytest.fixture(scope="module")
+def ext():
+    """mlxgen's built CPU kernels (tests that take it are marked needs_cpu_kernel_tools)."""
+    from mlxgen.backends.cpu import ext as cpu_ext
+
+    module = cpu_ext.kernels()
+    assert module is not None, "the CPU kernels did not build; see the mlxgen warning above"
+    return module
+
+
 @pytest.fixture(scope="session")
 def randomize():
     """randomize(module, seed=0, scale=0.2): fill an MLX module with non-trivial weights."""

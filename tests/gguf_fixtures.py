@@ -156,18 +156,8 @@ def write_synthetic(path: Path, arch: str = "llama", *, layers: int = 2, hidden:
 
     writer = GGUFWriter(path, arch)
     for key, value in meta.items():
-        if key in drop_meta:
-            continue
-        if isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        elif isinstance(value, float):
-            writer.add_float32(key, value)
-        elif isinstance(value, str):
-            writer.add_string(key, value)
-        else:
-            writer.add_array(key, value)
+        if key not in drop_meta:
+            add_metadata(writer, key, value)
     for gguf_name, hf_name, arr, qtype, n_head in tensors:
         stored = arr[gguf_row_order(arr.shape[0], n_head)] if n_head else arr
         if qtype == QT.F32:
@@ -366,3 +356,22 @@ GOLDEN_IDS: dict[str, dict[str, list[int]]] = {
         '🤖🤖🤖ok': [10813, 114, 240, 10813, 114, 240, 10813, 114, 240, 2231],
     },
 }
+
+
+def add_metadata(writer, key: str, value) -> None:
+    """One GGUF metadata value, typed from its Python type (ints by range)."""
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        if 0 <= value < 2**32:
+            writer.add_uint32(key, value)
+        elif value >= 2**32:
+            writer.add_uint64(key, value)
+        else:
+            writer.add_int64(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    else:
+        writer.add_array(key, value)

@@ -14,13 +14,6 @@ from mlxgen.errors import ConfigError
 pytestmark = needs_cpu_kernel_tools
 
 
-@pytest.fixture(scope="module")
-def ext():
-    module = cpu_ext.kernels()
-    assert module is not None, "the CPU kernels did not build; see the mlxgen warning above"
-    return module
-
-
 def numerators_reference(scores: np.ndarray, q_len: int, first_visible: int) -> np.ndarray:
     s = scores.astype(np.float64).reshape(-1, scores.shape[-1])
     keys = np.arange(s.shape[1])

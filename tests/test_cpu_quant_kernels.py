@@ -14,13 +14,6 @@ from mlxgen.errors import ConfigError
 pytestmark = needs_cpu_kernel_tools
 
 
-@pytest.fixture(scope="module")
-def ext():
-    module = cpu_ext.kernels()
-    assert module is not None, "the CPU kernels did not build; see the mlxgen warning above"
-    return module
-
-
 def quantized(n: int, k: int, bits: int, group_size: int, dtype=mx.float32, seed: int = 0):
     w = mx.random.normal((n, k), key=mx.random.key(seed)).astype(dtype)
     return mx.quantize(w, group_size=group_size, bits=bits)

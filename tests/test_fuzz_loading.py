@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGUFWriter
-from gguf_fixtures import write_synthetic
+from gguf_fixtures import add_metadata, write_synthetic
 from test_loading_hf import LLAMA, hf_weights, reference, write_model
 
 import mlxgen
@@ -107,21 +107,7 @@ def rewrite_with_meta(src: Path, dst: Path, meta: dict) -> None:
     for key, value in meta.items():
         if key in ("general.architecture", "GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"):
             continue
-        if isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            if 0 <= value < 2**32:
-                writer.add_uint32(key, value)
-            elif value >= 2**32:
-                writer.add_uint64(key, value)
-            else:
-                writer.add_int64(key, value)
-        elif isinstance(value, float):
-            writer.add_float32(key, value)
-        elif isinstance(value, str):
-            writer.add_string(key, value)
-        else:
-            writer.add_array(key, value)
+        add_metadata(writer, key, value)
     for t in reader.tensors:
         writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
     writer.write_header_to_file()
