@@ -136,7 +136,9 @@ def mlx_lm_config(args) -> dict[str, Any]:
     return config
 
 
-def mlx_lm_model(model) -> nn.Module:
+def mlx_lm_model(model, dequantize: bool = False) -> nn.Module:
+    """mlx-lm's model class holding our weights. dequantize=True gives it the same values as float
+    matrices: an oracle that runs on BLAS instead of MLX's slow CPU quantized matmul (tests)."""
     from mlx_lm.utils import _get_classes
 
     config = mlx_lm_config(model.args)
@@ -155,7 +157,9 @@ def mlx_lm_model(model) -> nn.Module:
             return False
         return {"group_size": src.group_size, "bits": src.bits}
 
-    if any(k.endswith(".scales") for k in weights):  # quantized kept (GPU): quantize the same way
+    if dequantize:
+        weights = _dequantized(weights, ours)
+    elif any(k.endswith(".scales") for k in weights):  # quantized kept: quantize the same way
         nn.quantize(target, class_predicate=quantized_like_ours)
     if hasattr(target, "sanitize"):
         weights = target.sanitize(weights)
@@ -163,6 +167,18 @@ def mlx_lm_model(model) -> nn.Module:
     target.eval()
     mx.eval(target.parameters())
     return target
+
+
+def _dequantized(weights: dict[str, mx.array], modules: dict[str, nn.Module]) -> dict[str, mx.array]:
+    out = {k: v for k, v in weights.items() if not k.endswith((".scales", ".biases"))}
+    for key in list(out):
+        path = key.rsplit(".", 1)[0]
+        if key.endswith(".weight") and f"{path}.scales" in weights:
+            m = modules[path]
+            scales = weights[f"{path}.scales"]
+            out[key] = mx.dequantize(out[key], scales, weights.get(f"{path}.biases"),
+                                     group_size=m.group_size, bits=m.bits).astype(scales.dtype)
+    return out
 
 
 def mlx_lm_tokenizer(tokenizer):
