@@ -64,6 +64,9 @@ class PrefixCache:
             return
         entry = _Entry(fingerprint, tokens, cache)
         with self._lock:
+            # An entry whose tokens all start the new one is served as well by the new one.
+            self._entries = [e for e in self._entries if e.fingerprint != fingerprint
+                             or common_prefix(e.tokens, tokens) < len(e.tokens)]
             self._entries.append(entry)
             total = sum(e.nbytes for e in self._entries)
             while self._entries and total > self.max_bytes:
