@@ -139,8 +139,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
         models=tuple(args.models), max_memory=size(args.max_memory, "--max-memory"),
         cache_memory=size(args.cache_memory, "--cache-memory"),
         keep_alive=parse_keep_alive(args.keep_alive), reuse=not args.no_reuse)
-    if config.keep_alive is None:  # -1: forever
-        config.keep_alive = float("inf")
     serve(args.host, args.port, config, args.log_level)
 
 

@@ -290,3 +290,49 @@ def test_keep_alive_zero_unloads(server, clients):
     for k in ("a", "b"):  # a load-only request with keep_alive 0 unloads, as in Ollama
         assert oll.generate(m[k], keep_alive=0).done_reason == "unload"
     assert oll.ps().models == []
+
+
+def test_keep_alive_durations_parse_as_ollama_does():
+    import math
+
+    from mlxgen.errors import ConfigError
+    from mlxgen.server.pool import parse_keep_alive
+
+    assert parse_keep_alive(None, 7.0) == 7.0 and parse_keep_alive(0) == 0
+    assert parse_keep_alive("5m") == 300 and parse_keep_alive("1h30m") == 5400
+    assert parse_keep_alive("250ms") == 0.25 and parse_keep_alive(12.5) == 12.5
+    assert parse_keep_alive(-1) == parse_keep_alive("-1m") == math.inf
+    for bad in ("soon", "5 m", "m", [], True, "1h30"):
+        with pytest.raises(ConfigError, match="keep_alive"):
+            parse_keep_alive(bad)
+
+
+def test_prefix_cache_is_bounded_and_keyed_by_fingerprint():
+    import mlx.core as mx
+
+    from mlxgen.cache import KVCache
+    from mlxgen.server.prefix_cache import PrefixCache
+
+    class Model:  # what PrefixCache asks of a model
+        def make_cache(self):
+            return [KVCache()]
+
+    def filled(n: int) -> list:
+        c = KVCache()
+        c.update_and_fetch(mx.ones((1, 2, n, 8)), mx.ones((1, 2, n, 8)))
+        return [c]
+
+    one = filled(10)[0].keys.nbytes * 2  # one entry's allocated bytes (a 256-token step)
+    pc = PrefixCache(max_bytes=2 * one)
+    pc.put("A", list(range(10)), filled(10))
+    pc.put("B", list(range(10)), filled(10))
+    cache, held = pc.take("C", Model(), list(range(12)))  # no entry of model C
+    assert held == [] and cache[0].offset == 0
+    cache, held = pc.take("A", Model(), list(range(5)) + [99, 98])  # diverges at 5: a copy
+    assert held == list(range(5)) and cache[0].offset == 5 and len(pc) == 2
+    cache, held = pc.take("B", Model(), list(range(14)))  # a whole prefix: taken and extended
+    assert held == list(range(10)) and len(pc) == 1
+    pc.put("A", [7] * 10, filled(10))
+    pc.put("A", [8] * 10, filled(10))  # over budget: the least recent ("A", 0..9) goes
+    assert len(pc) == 2 and pc.nbytes <= 2 * one
+    assert pc.take("A", Model(), list(range(12)))[1] == []

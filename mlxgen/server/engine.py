@@ -23,7 +23,7 @@ class GenRequest:
     model: str
     prompt: str | list[dict] | None  # text, chat messages, or None: only load (or unload) the model
     sampling: dict[str, Any]
-    keep_alive: float | None
+    keep_alive: float  # seconds; math.inf: forever
     documents: list[str] = field(default_factory=list)  # the `mlxgen` extension field
     reuse: bool = True
     received: float = field(default_factory=time.perf_counter)

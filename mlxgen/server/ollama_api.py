@@ -78,11 +78,13 @@ def routes(server: Server) -> list[Route]:
         stream = body.get("stream", True)
         if not isinstance(stream, bool):
             raise ApiError(400, "stream must be true or false.")
+        if body.get("format"):
+            raise ApiError(400, "format (JSON mode) is not supported by mlxgen serve.")
         if body.get("images"):
             raise ApiError(400, "images are not supported by mlxgen serve (text models only).")
         model = body.get("model")
-        req = make_request(model, prompt, sampling(body.get("options")), body.get("keep_alive"),
-                           body)
+        req = make_request(server, model, prompt, sampling(body.get("options")),
+                           body.get("keep_alive"), body)
         gen = await server.engine.start(req, request.receive)
 
         def piece(text: str) -> dict:
@@ -147,8 +149,9 @@ def routes(server: Server) -> list[Route]:
     async def ps(request: Request):
         out = []
         for e in server.pool.loaded():
-            expires = (datetime.now(timezone.utc) + timedelta(seconds=e.expires_at - time.monotonic())
-                       if e.expires_at is not None else datetime(2318, 1, 1, tzinfo=timezone.utc))
+            left = e.expires_at - time.monotonic()
+            expires = (datetime.now(timezone.utc) + timedelta(seconds=left) if left < 1e9
+                       else datetime(2318, 1, 1, tzinfo=timezone.utc))  # forever, as Ollama
             out.append({**_describe(e.name, e), "expires_at": expires.isoformat(),
                         "size_vram": 0})
         return JSONResponse({"models": out})
@@ -157,7 +160,7 @@ def routes(server: Server) -> list[Route]:
         try:
             body = await read_json(request)
             name = body.get("model") or body.get("name")
-            make_request(name, None, {}, None, {})
+            make_request(server, name, None, {}, None, {})
             from ..info import describe
 
             def info():

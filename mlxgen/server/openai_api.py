@@ -91,7 +91,7 @@ def routes(server: Server) -> list[Route]:
                 raise ApiError(400, "stream must be true or false.", param="stream")
             model = body.get("model")
             options = body.get("stream_options") or {}
-            req = make_request(model, prompt, sampling(body), None, body)
+            req = make_request(server, model, prompt, sampling(body), None, body)
             gen = await server.engine.start(req, request.receive)
         except Exception as e:  # noqa: BLE001 - every error gets OpenAI's error body
             return error(e)

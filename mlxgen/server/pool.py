@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import re
 import threading
 import time
@@ -32,11 +33,11 @@ class ModelNotFound(ModelLoadError):
     """The name resolves to no model (HTTP 404); other load failures are server errors."""
 
 
-def parse_keep_alive(value: Any) -> float | None:
-    """Ollama's keep_alive: seconds (a number) or a Go duration ("5m", "1h30m", "0");
-    negative keeps the model loaded forever (returned as None). Raises ConfigError."""
+def parse_keep_alive(value: Any, default: float = DEFAULT_KEEP_ALIVE) -> float:
+    """Ollama's keep_alive in seconds: a number or a Go duration ("5m", "1h30m", "0"); negative
+    keeps the model loaded forever (math.inf); None is `default`. Raises ConfigError."""
     if value is None:
-        return DEFAULT_KEEP_ALIVE
+        return default
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
         seconds = float(value)
     elif isinstance(value, str) and value.strip():
@@ -51,7 +52,7 @@ def parse_keep_alive(value: Any) -> float | None:
         seconds = sign * sum(float(n) * _UNITS[u or "s"] for n, u in parts)
     else:
         raise ConfigError(f"keep_alive must be seconds or a duration like \"5m\"; got {value!r}.")
-    return None if seconds < 0 else seconds
+    return math.inf if seconds < 0 else seconds
 
 
 def resolve_source(name: str) -> str:
@@ -75,8 +76,8 @@ class Loaded:
     nbytes: int
     fingerprint: str
     load_s: float
-    keep_alive: float | None = DEFAULT_KEEP_ALIVE
-    expires_at: float | None = None  # monotonic seconds; None: never
+    keep_alive: float = DEFAULT_KEEP_ALIVE  # seconds; math.inf: forever
+    expires_at: float = math.inf  # monotonic seconds
     last_used: float = field(default_factory=time.monotonic)
     busy: int = 0
     chunks: ChunkStore | None = None
@@ -84,12 +85,11 @@ class Loaded:
 
 class ModelPool:
     def __init__(self, max_memory: int | None, prefix_cache: PrefixCache,
-                 chunk_memory: int | None = None, default_keep_alive: float | None = None):
+                 chunk_memory: int | None = None, default_keep_alive: float = DEFAULT_KEEP_ALIVE):
         self.max_memory = max_memory
         self.prefix_cache = prefix_cache
         self.chunk_memory = chunk_memory
-        self.default_keep_alive = (DEFAULT_KEEP_ALIVE if default_keep_alive is None
-                                   else default_keep_alive)
+        self.default_keep_alive = default_keep_alive
         self._models: dict[str, Loaded] = {}
         self._lock = threading.Lock()
 
@@ -124,18 +124,18 @@ class ModelPool:
         log.info("loaded %s (%.2f GB of weights) in %.2f s", name, nbytes / 1e9, entry.load_s)
         return entry
 
-    def release(self, entry: Loaded, keep_alive: float | None) -> None:
+    def release(self, entry: Loaded, keep_alive: float) -> None:
         """A request is done with `entry`: its keep_alive starts now (0 unloads it now)."""
         entry.busy -= 1
         entry.last_used = time.monotonic()
         entry.keep_alive = keep_alive
-        entry.expires_at = None if keep_alive is None else entry.last_used + keep_alive
+        entry.expires_at = entry.last_used + keep_alive
         self.expire()
 
     def expire(self) -> None:
         now = time.monotonic()
         for entry in list(self._models.values()):
-            if entry.busy == 0 and entry.expires_at is not None and entry.expires_at <= now:
+            if entry.busy == 0 and entry.expires_at <= now:
                 self.unload(entry.name)
 
     def unload(self, name: str) -> bool:

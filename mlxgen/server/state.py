@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,7 @@ from starlette.requests import Request
 from ..errors import MlxgenError
 from ..loading import pypi
 from .engine import Engine, GenRequest
-from .pool import ModelPool, parse_keep_alive
+from .pool import DEFAULT_KEEP_ALIVE, ModelPool, parse_keep_alive
 from .prefix_cache import PrefixCache
 from .worker import END, Job, Worker
 
@@ -36,7 +37,7 @@ class ServerConfig:
     max_memory: int | None = None  # bytes of weights kept loaded
     cache_memory: int = DEFAULT_CACHE_MEMORY  # bytes of prefix-cache K/V
     chunk_memory: int | None = None  # bytes of document chunks per model (None: the library's)
-    keep_alive: float | None = None  # default keep_alive in seconds; None: Ollama's 5 min
+    keep_alive: float = DEFAULT_KEEP_ALIVE  # seconds a model stays loaded after a request
     reuse: bool = True
 
 
@@ -54,7 +55,7 @@ class Server:
     async def preload(self) -> None:
         """Load the --models before the port opens; they stay until evicted (keep_alive -1)."""
         for name in self.config.models:
-            req = GenRequest(name, None, {}, keep_alive=None)
+            req = GenRequest(name, None, {}, keep_alive=math.inf)
             gen = await self.engine.start(req, _never_disconnects)
             await gen.collect()
 
@@ -110,12 +111,14 @@ def extension(body: dict) -> dict:
     return {"documents": ext.get("documents") or [], "reuse": ext.get("reuse", True)}
 
 
-def make_request(model: Any, prompt, sampling: dict, keep_alive: Any, body: dict) -> GenRequest:
+def make_request(server: "Server", model: Any, prompt, sampling: dict, keep_alive: Any,
+                 body: dict) -> GenRequest:
     if not isinstance(model, str) or not model:
         raise ApiError(400, "model is required (a model name such as \"smollm2:135m\").",
                        param="model")
     try:
-        return GenRequest(model, prompt, sampling, parse_keep_alive(keep_alive), **extension(body))
+        keep = parse_keep_alive(keep_alive, server.config.keep_alive)
+        return GenRequest(model, prompt, sampling, keep, **extension(body))
     except MlxgenError as e:
         raise ApiError(400, str(e)) from None
     except TypeError as e:  # an option of the wrong kind reached SamplingParams
