@@ -59,7 +59,8 @@ def start_server(model: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
     raise SystemExit("mlxgen serve did not start")
 
 
-def ttft_vs_in_process(model, tokenizer, url: str, name: str, tokens: int, reps: int, log):
+def ttft_vs_in_process(model, tokenizer, url: str, name: str, tokens: int, reps: int, log,
+                       settle_s: float = 1.0):
     from mlxgen.bench.servers import OllamaTarget, OpenAITarget
     from mlxgen.bench.targets import MlxgenTarget
 
@@ -72,7 +73,9 @@ def ttft_vs_in_process(model, tokenizer, url: str, name: str, tokens: int, reps:
     for rep in range(reps + 1):  # rep 0 is a warmup
         order = targets[rep % 3:] + targets[: rep % 3]
         for t in order:
-            m = t.run(build_prompt(tokenizer, tokens))
+            prompt = build_prompt(tokenizer, tokens)
+            time.sleep(settle_s)  # let the previous run's BLAS threads (either process) go idle
+            m = t.run(prompt)
             if rep:
                 samples[t.name].append(m.ttft_s)
         log(f"  ttft rep {rep}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in samples.items()
@@ -167,6 +170,7 @@ def main(argv=None) -> int:
     p.add_argument("--questions", type=int, default=3)
     p.add_argument("--ollama-url", default=None, help="a reference Ollama, e.g. http://127.0.0.1:11535")
     p.add_argument("--ollama-model", default="smollm2")
+    p.add_argument("--settle", type=float, default=1.0, help="idle seconds before each TTFT run")
     p.add_argument("--skip", default="", help="comma-separated: ttft,chat,rag")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -183,7 +187,7 @@ def main(argv=None) -> int:
         if "ttft" not in skip:
             log("TTFT in-process vs served")
             result["ttft"] = ttft_vs_in_process(model, tokenizer, url, args.model, args.tokens,
-                                                args.reps, log)
+                                                args.reps, log, args.settle)
         # The conversation's fixed part, sized so the last turn reaches ~chat_tokens.
         per_turn = 20 + args.reply_tokens
         system_tokens = args.chat_tokens - args.turns * per_turn

@@ -133,12 +133,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} must be a byte count such as 8GB or 512MiB; got "
                               f"{value!r}.") from None
 
+    try:
+        keep_alive = parse_keep_alive(args.keep_alive)
+    except ConfigError as e:
+        raise ConfigError(f"--keep-alive: {e}") from None
     if not 0 < args.port < 65536:
         raise MlxgenError(f"--port must be in 1..65535; got {args.port}.")
     config = ServerConfig(
         models=tuple(args.models), max_memory=size(args.max_memory, "--max-memory"),
         cache_memory=size(args.cache_memory, "--cache-memory"),
-        keep_alive=parse_keep_alive(args.keep_alive), reuse=not args.no_reuse)
+        keep_alive=keep_alive, reuse=not args.no_reuse)
     serve(args.host, args.port, config, args.log_level)
 
 
