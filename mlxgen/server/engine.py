@@ -76,14 +76,14 @@ class Engine:
     def _generate(self, entry, req: GenRequest, job: Job, load_s: float) -> Done:
         model, tokenizer = entry.model, entry.tokenizer
         reuse = req.reuse and self.reuse
-        cache, cached, ids, prompt = None, [], None, None
+        cache, ids = None, []
         if req.documents:
             prompt = self._with_documents(entry, req, reuse)
         else:
             ids = prompt_tokens(tokenizer, req.prompt, model.args.vocab_size)
             prompt = ids
             if reuse:
-                cache, cached = self.pool.prefix_cache.take(entry.fingerprint, model, ids)
+                cache, _ = self.pool.prefix_cache.take(entry.fingerprint, model, ids)
         start = time.perf_counter()
         first = None
         out: list[int] = []
