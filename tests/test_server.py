@@ -253,6 +253,9 @@ def test_documents_extension_reuses_chunks(server, clients):
     bad = httpx.post(url + "/v1/completions", json={**body, "mlxgen": {"documents": "x"}},
                      timeout=10)
     assert bad.status_code == 400 and "documents" in bad.json()["error"]["message"]
+    long = httpx.post(url + "/v1/completions", timeout=30,
+                      json={**body, "mlxgen": {"documents": ["zq xv " * 3000] * 3}})
+    assert long.status_code == 400 and long.json()["error"]["code"] == "context_length_exceeded"
     memory = httpx.get(url + "/mlxgen/memory").json()
     assert memory["chunk_store_bytes"] > 0 and memory["prefix_cache_bytes"] > 0
 
@@ -336,3 +339,43 @@ def test_prefix_cache_is_bounded_and_keyed_by_fingerprint():
     pc.put("A", [8] * 10, filled(10))  # over budget: the least recent ("A", 0..9) goes
     assert len(pc) == 2 and pc.nbytes <= 2 * one
     assert pc.take("A", Model(), list(range(12)))[1] == []
+
+
+def test_pool_evicts_least_recently_used_past_the_memory_budget(server):
+    from mlxgen.server.pool import ModelPool
+    from mlxgen.server.prefix_cache import PrefixCache
+
+    _, m = server
+    pool = ModelPool(None, PrefixCache(1 << 20))
+    a, _ = pool.acquire(m["a"])
+    pool.release(a, 60)
+    pool.max_memory = int(a.nbytes * 1.5)  # room for one tiny model, not two
+    b, load_s = pool.acquire(m["b"])
+    assert load_s > 0 and [e.name for e in pool.loaded()] == [m["b"]]
+    busy, _ = pool.acquire(m["b"])  # b is in use: loading a must not evict it
+    a, _ = pool.acquire(m["a"])
+    assert {e.name for e in pool.loaded()} == {m["a"], m["b"]}
+    for e in (a, b, busy):
+        pool.release(e, 0)
+    assert pool.loaded() == []
+
+
+def test_worker_runs_jobs_in_arrival_order_and_skips_cancelled_ones():
+    import asyncio
+
+    from mlxgen.server.worker import END, Job, Worker
+
+    async def main() -> list:
+        loop, ran = asyncio.get_running_loop(), []
+        jobs = [Job(lambda j, i=i: (time.sleep(0.02), ran.append(i)), loop) for i in range(5)]
+        jobs[3].cancel.set()  # its client left while it waited
+        worker = Worker()
+        for j in jobs:
+            worker.submit(j)
+        for j in jobs:
+            while await j.get() is not END:
+                pass
+        worker.stop()
+        return ran
+
+    assert asyncio.run(main()) == [0, 1, 2, 4]

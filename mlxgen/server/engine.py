@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, AsyncIterator
 
-from ..errors import ConfigError
+from ..errors import ConfigError, PromptTooLongError
 from ..generate import GenerationStats, SamplingParams, prompt_tokens, stream_generate
 from ..tokenizer import check_text
 from .pool import ModelPool
@@ -114,12 +114,16 @@ class Engine:
         tokenizer = entry.tokenizer
         body = (tokenizer.encode_chat(req.prompt) if isinstance(req.prompt, list)
                 else tokenizer.encode(req.prompt, add_special_tokens=False, parse_special=False))
+        docs = [tokenizer.encode(d, add_special_tokens=False, parse_special=False)
+                for d in req.documents]
+        total, context = sum(map(len, docs)) + len(body), entry.model.args.max_position_embeddings
+        if total >= context:  # before any chunk is encoded
+            raise PromptTooLongError(f"the documents and prompt have {total} tokens but the "
+                                     f"model's context is {context}; send fewer or shorter ones.")
         if reuse:
             store = self.pool.chunk_store(entry)
-            return [store.add(d) for d in req.documents] + ([body] if body else [])
-        ids = [t for d in req.documents
-               for t in tokenizer.encode(d, add_special_tokens=False, parse_special=False)]
-        return ids + body
+            return [store.add(d) for d in docs if d] + ([body] if body else [])
+        return [t for d in docs for t in d] + body
 
     async def start(self, req: GenRequest, receive) -> "Generation":
         """Queue the request; return once it produced its first output (a token, or Done).
