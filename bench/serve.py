@@ -134,7 +134,10 @@ def chat_ollama(url: str, name: str, system: str, turns: int, max_tokens: int):
     return out
 
 
-def rag(url: str, name: str, tokenizer, docs: int, doc_tokens: int, questions: int, reuse: bool):
+def rag(url: str, name: str, tokenizer, docs: int, doc_tokens: int, questions: int, reuse: bool,
+        ollama: bool = False):
+    """TTFT of questions over the same documents in shuffled orders: through `mlxgen.documents`
+    (reuse on: stored chunks; off: prefilled), or, ollama=True, as one raw prompt to Ollama."""
     import httpx
 
     nonce = new_nonce()
@@ -148,10 +151,18 @@ def rag(url: str, name: str, tokenizer, docs: int, doc_tokens: int, questions: i
         body = {"model": name, "prompt": f"\nQuestion: {QUESTIONS[q % len(QUESTIONS)]}\nAnswer:",
                 "max_tokens": 1, "temperature": 0, "stream": False,
                 "mlxgen": {"documents": order, "reuse": reuse}}
+        if ollama:
+            body = {"model": name, "prompt": "".join(order) + body["prompt"], "raw": True,
+                    "stream": False, "keep_alive": "30m",
+                    "options": {"temperature": 0, "num_predict": 1, "num_ctx": 4096}}
         start = time.perf_counter()
-        r = httpx.post(url + "/v1/completions", json=body, timeout=900).json()
-        out.append({"question": q + 1, "ttft_s": time.perf_counter() - start,
-                    "prompt_tokens": r["usage"]["prompt_tokens"],
+        r = httpx.post(url + ("/api/generate" if ollama else "/v1/completions"), json=body,
+                       timeout=900).json()
+        ttft = time.perf_counter() - start
+        if ollama:
+            out.append({"question": q + 1, "ttft_s": ttft, "prompt_tokens": r["prompt_eval_count"]})
+            continue
+        out.append({"question": q + 1, "ttft_s": ttft, "prompt_tokens": r["usage"]["prompt_tokens"],
                     "cached_tokens": r["usage"]["prompt_tokens_details"]["cached_tokens"]})
     return out
 
@@ -209,12 +220,19 @@ def main(argv=None) -> int:
                     log(f"  chat rep {rep} ollama: " + ", ".join(f"{t['ttft_s']:.2f}"
                                                                  for t in turns))
         if "rag" not in skip:
-            result["rag"] = {"reuse": [], "no_reuse": []}
+            result["rag"] = {"reuse": [], "no_reuse": [], "ollama": []}
             for rep in range(max(1, args.chat_reps - 1)):
                 for reuse in (True, False):
                     result["rag"]["reuse" if reuse else "no_reuse"].append(
                         rag(url, args.model, tokenizer, args.docs, args.doc_tokens,
                             args.questions, reuse))
+                if args.ollama_url:
+                    result["rag"]["ollama"].append(
+                        rag(args.ollama_url, args.ollama_model, tokenizer, args.docs,
+                            args.doc_tokens, args.questions, False, ollama=True))
+                log(f"  rag rep {rep}: " + "; ".join(
+                    f"{k} " + ", ".join(f"{t['ttft_s']:.2f}" for t in v[-1])
+                    for k, v in result["rag"].items() if v))
         import httpx
 
         result["server_memory"] = httpx.get(url + "/mlxgen/memory").json()
@@ -257,14 +275,19 @@ def report(r: dict) -> str:
         lines.append("")
     if "rag" in r:
         g = r["rag"]
+        oll = g.get("ollama")
         lines += ["## RAG: documents as stored chunks (`mlxgen.documents`), shuffled order",
-                  "", "| question | prompt tokens | chunks (reuse on) | cached | prefilled (off) |",
-                  "|---|---|---|---|---|"]
+                  "", "| question | prompt tokens | chunks (reuse on) | cached | prefilled (off) |"
+                  + (" Ollama (one raw prompt) |" if oll else ""),
+                  "|---|---|---|---|---|" + ("---|" if oll else "")]
         for i in range(len(g["reuse"][0])):
             on = median([run[i]["ttft_s"] for run in g["reuse"]])
             off = median([run[i]["ttft_s"] for run in g["no_reuse"]])
-            lines.append(f"| {i + 1} | {g['reuse'][0][i]['prompt_tokens']} | {on:.3f} | "
-                         f"{g['reuse'][0][i]['cached_tokens']} | {off:.3f} |")
+            row = (f"| {i + 1} | {g['reuse'][0][i]['prompt_tokens']} | {on:.3f} | "
+                   f"{g['reuse'][0][i]['cached_tokens']} | {off:.3f} |")
+            if oll:
+                row += f" {median([run[i]['ttft_s'] for run in oll]):.3f} |"
+            lines.append(row)
         lines.append("")
     if "server_memory" in r:
         m = r["server_memory"]
