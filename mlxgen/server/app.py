@@ -19,12 +19,9 @@ from . import ollama_api, openai_api
 from .state import Server, ServerConfig
 
 
-def build_app(config: ServerConfig) -> Starlette:
-    server = Server(config)
-
+def build_app(server: Server) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        await server.preload()
         yield
         await asyncio.to_thread(server.worker.stop)
 
@@ -46,5 +43,8 @@ def serve(host: str, port: int, config: ServerConfig, log_level: str = "info") -
     import uvicorn
 
     settings.validate_all()
-    uvicorn.run(build_app(config), host=host, port=port, log_level=log_level.lower(),
+    server = Server(config)
+    # The --models load before the port opens; a bad name is an mlxgen error, not a traceback.
+    asyncio.run(server.preload())
+    uvicorn.run(build_app(server), host=host, port=port, log_level=log_level.lower(),
                 timeout_graceful_shutdown=5)
