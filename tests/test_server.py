@@ -384,3 +384,11 @@ def test_worker_runs_jobs_in_arrival_order_and_skips_cancelled_ones():
         return ran
 
     assert asyncio.run(main()) == [0, 1, 2, 4]
+
+
+def test_serve_with_a_bad_model_is_one_error_line(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "mlxgen.cli", "serve", "--port", str(free_port()), "--models",
+         str(tmp_path / "missing.gguf")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "mlxgen: error:" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and "missing.gguf" in out.stderr
