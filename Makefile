@@ -13,7 +13,7 @@ BACKEND := $(if $(filter Linux,$(shell uname)),cpu,)
 RUN_EXTRAS := $(BACKEND)
 comma := ,
 space := $() $()
-TEST_EXTRAS := $(subst $(space),$(comma),$(strip $(BACKEND) dev bench oracle))
+TEST_EXTRAS := $(subst $(space),$(comma),$(strip $(BACKEND) serve dev bench oracle))
 
 .PHONY: setup setup-test demo test
 setup: $(VENV)/.installed

@@ -1,4 +1,5 @@
-"""Command line: `mlxgen generate`, `mlxgen info` (and `mlxgen bench ...` from bench/)."""
+"""Command line: `mlxgen generate`, `mlxgen info`, `mlxgen serve` (server/) and `mlxgen bench ...`
+(bench/)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--prefill-chunk-size", type=int, default=None)
+    gen.add_argument("--server", default=None, metavar="URL",
+                     help="send the request to a running `mlxgen serve` (or Ollama) at URL "
+                     "instead of loading the model here (default: $MLXGEN_SERVER)")
+
+    serve = sub.add_parser("serve", help="an Ollama- and OpenAI-compatible HTTP server")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=11435)
+    serve.add_argument("--models", nargs="*", default=[], metavar="MODEL",
+                       help="models to load at start (any source --model takes)")
+    serve.add_argument("--max-memory", default=None, metavar="BYTES",
+                       help="weights kept loaded (e.g. 8GB); least recently used models are "
+                       "unloaded past it. Default: no limit")
+    serve.add_argument("--cache-memory", default="1GiB", metavar="BYTES",
+                       help="K/V of recent requests kept for prefix reuse (default 1GiB)")
+    serve.add_argument("--keep-alive", default="5m",
+                       help="how long an idle model stays loaded (Ollama's duration; -1: forever)")
+    serve.add_argument("--no-reuse", action="store_true",
+                       help="no K/V reuse across requests (each prompt is prefilled whole)")
+    serve.add_argument("--log-level", default="info")
 
     info = sub.add_parser("info", help="describe a model: architecture, size, dtype, tokenizer")
     _model_arg(info)
@@ -71,6 +91,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
             check_text(getattr(args, flag), f"--{flag}")
     if args.prefill_chunk_size is not None:
         settings.prefill_chunk_size(args.prefill_chunk_size)
+    url = args.server or settings.server_url()
+    if url:
+        from .server.client import generate_remote
+
+        generate_remote(url, args.model, args.prompt, args.chat, args.system, sampling)
+        return
     model, tokenizer = load(args.model, dtype=args.dtype, quantized=args.quantized, progress=True)
     if args.chat is not None:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [
@@ -86,6 +112,38 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print()
     if response is not None:
         print(f"[{response.finish_reason}] {response.stats.summary()}", file=sys.stderr)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .errors import ConfigError
+
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise MlxgenError("mlxgen serve needs starlette and uvicorn: pip install "
+                          "'mlxgen[serve]'.") from None
+    from .server.app import ServerConfig, serve
+    from .server.pool import parse_keep_alive
+
+    def size(value: str | None, flag: str) -> int | None:
+        try:
+            return None if value is None else settings.chunk_store_bytes(value)
+        except ConfigError:
+            raise ConfigError(f"{flag} must be a byte count such as 8GB or 512MiB; got "
+                              f"{value!r}.") from None
+
+    try:
+        keep_alive = parse_keep_alive(args.keep_alive)
+    except ConfigError as e:
+        raise ConfigError(f"--keep-alive: {e}") from None
+    if not 0 < args.port < 65536:
+        raise MlxgenError(f"--port must be in 1..65535; got {args.port}.")
+    config = ServerConfig(
+        models=tuple(args.models), max_memory=size(args.max_memory, "--max-memory"),
+        cache_memory=size(args.cache_memory, "--cache-memory"),
+        keep_alive=keep_alive, reuse=not args.no_reuse)
+    serve(args.host, args.port, config, args.log_level)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -129,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         logging.basicConfig(level=settings.log_level("INFO"), format="%(message)s")
         backends.check_environment()
-        {"generate": cmd_generate, "info": cmd_info, "bench": cmd_bench}[args.command](args)
+        {"generate": cmd_generate, "info": cmd_info, "bench": cmd_bench,
+         "serve": cmd_serve}[args.command](args)
     except MlxgenError as e:
         print(f"mlxgen: error: {e}", file=sys.stderr)
         return 2

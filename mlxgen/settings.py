@@ -22,6 +22,7 @@ ENV_VARS = {
     "MLXGEN_CACHE_REUSE": "reuse cached K/V (stored chunks, session prefixes): on (default) or off",
     "MLXGEN_RECOMPUTE": "fraction of reused chunk tokens recomputed with full attention, in [0, 1] (default 0.15)",
     "MLXGEN_CHUNK_STORE_BYTES": "in-memory chunk store limit: bytes, or with KB/MB/GB/KiB/MiB/GiB (default 1GiB)",
+    "MLXGEN_SERVER": "URL of a running `mlxgen serve` that `mlxgen generate` sends its requests to (default: none, load in-process)",
 }
 
 
@@ -162,6 +163,16 @@ def chunk_store_bytes(override: int | str | None = None) -> int:
     return n
 
 
+def server_url() -> str | None:
+    """MLXGEN_SERVER: a running `mlxgen serve` that `mlxgen generate` sends its requests to."""
+    url = _get("MLXGEN_SERVER")
+    if url is None or not url.strip():
+        return None
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"MLXGEN_SERVER must be an http:// or https:// URL; got {url!r}.")
+    return url.strip()
+
+
 def validate_all() -> None:
     """Parse every variable so a malformed value fails early with its name (load and generate
     call this, through mlxgen.backends.check_environment, which also checks what the device must
@@ -179,5 +190,6 @@ def validate_all() -> None:
     cache_reuse()
     recompute_fraction()
     chunk_store_bytes()
+    server_url()
     if _get("MLXGEN_LOG_LEVEL") is not None:
         logging.getLogger("mlxgen").setLevel(log_level())

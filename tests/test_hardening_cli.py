@@ -64,7 +64,7 @@ GARBAGE = {
     "MLXGEN_QUANTIZED": "x", "MLXGEN_DTYPE": "x", "MLXGEN_CACHE_DIR": None,  # set to a file below
     "MLXGEN_CPU_FAST_OPS": "x", "MLXGEN_CPU_KERNELS": "x", "MLXGEN_KERNELS": "garbage",
     "MLXGEN_LOG_LEVEL": "verbose", "MLXGEN_CACHE_MODE": "x", "MLXGEN_CACHE_REUSE": "x",
-    "MLXGEN_RECOMPUTE": "2", "MLXGEN_CHUNK_STORE_BYTES": "lots",
+    "MLXGEN_RECOMPUTE": "2", "MLXGEN_CHUNK_STORE_BYTES": "lots", "MLXGEN_SERVER": "localhost:1",
 }
 
 

@@ -25,7 +25,7 @@ LAYERS = [
     ("mlxgen.generate",),
     ("mlxgen.reuse.session",),  # multi-turn policy on top of generate
     ("mlxgen.loading",),
-    ("mlxgen.info", "mlxgen.bench", "mlxgen.cli", "mlxgen.__main__"),
+    ("mlxgen.info", "mlxgen.bench", "mlxgen.server", "mlxgen.cli", "mlxgen.__main__"),
 ]
 
 

@@ -92,7 +92,7 @@ class Composition:
 
 def plan(model, tokenizer, segments: list | tuple, parse_special: bool = False) -> Composition:
     """Tokenize text segments (BOS only for a leading one; control-token text literal unless
-    parse_special) and check the chunks."""
+    parse_special), take token-id segments as they are, and check the chunks."""
     out: list[Segment] = []
     fingerprint = None
     for i, seg in enumerate(segments):
@@ -112,10 +112,15 @@ def plan(model, tokenizer, segments: list | tuple, parse_special: bool = False) 
                     )
             seg.store.check(seg)
             out.append(Segment(list(seg.token_ids), seg))
+        elif isinstance(seg, (list, tuple)) and seg and all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < model.args.vocab_size
+            for t in seg
+        ):  # already tokenized text (the server's rendered chat template)
+            out.append(Segment(list(seg)))
         else:
             raise MlxgenError(
-                f"segment {i} is a {type(seg).__name__}; a segment prompt holds text (str) and "
-                "chunks (ChunkStore.add(...)) only."
+                f"segment {i} is a {type(seg).__name__}; a segment prompt holds text (str), "
+                "token ids (a list of ints in the vocabulary) and chunks (ChunkStore.add(...))."
             )
     if not out:
         raise MlxgenError("the prompt is empty; give at least one token.")

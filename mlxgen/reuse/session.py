@@ -20,6 +20,22 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def trim_to_prefix(cache: list, cached: Sequence[int], ids: Sequence[int]) -> int:
+    """Trim `cache`, which holds the K/V of the tokens `cached`, to their longest common prefix
+    with the prompt `ids`; return how many tokens it keeps (0: the cache was emptied). Shared by
+    Session and the server's prefix cache (mlxgen/server/prefix_cache.py)."""
+    # Keep at least the last prompt token to prefill: its logits start the reply.
+    keep = min(common_prefix(cached, ids), len(ids) - 1)
+    for c in cache:
+        c.trim(c.offset - keep)
+    if any(c.offset != keep for c in cache):
+        # A windowed layer had already forgotten keys that the kept prefix needs: start over.
+        for c in cache:
+            c.trim(c.offset)
+        keep = 0
+    return keep
+
+
 class Session:
     """session = Session(model, tokenizer); session.generate(messages_or_prompt, **kw).
 
@@ -50,15 +66,7 @@ class Session:
                             kw.get("parse_special", False))
         self._turn += 1
         turn = self._turn
-        # Keep at least the last prompt token to prefill: its logits start the reply.
-        keep = min(common_prefix(self.tokens, ids), len(ids) - 1) if self.reuse else 0
-        for c in self.cache:
-            c.trim(c.offset - keep)
-        if any(c.offset != keep for c in self.cache):
-            # A windowed layer had already forgotten keys that the kept prefix needs: start over.
-            for c in self.cache:
-                c.trim(c.offset)
-            keep = 0
+        keep = trim_to_prefix(self.cache, self.tokens if self.reuse else [], ids)
         self.tokens = ids[:keep]
         out: list[int] = []
         kw.pop("parse_special", None)  # ids are already tokenized
