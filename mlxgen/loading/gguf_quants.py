@@ -22,6 +22,7 @@ GROUP = 32
 _CHUNK_ELEMENTS = 1 << 22  # rows per chunk are chosen so temporaries stay ~tens of MB
 
 Triplet = tuple[np.ndarray, np.ndarray, np.ndarray]
+Alloc = Callable[[tuple, np.dtype], np.ndarray]  # (shape, dtype) -> a writable array
 
 
 def pack(q: np.ndarray, bits: int) -> np.ndarray:
@@ -34,18 +35,36 @@ def pack(q: np.ndarray, bits: int) -> np.ndarray:
         return np.ascontiguousarray(q).view(np.uint32)
     if bits == 4:
         return (q[:, 0::2] | (q[:, 1::2] << 4)).view(np.uint32)
-    if bits == 5:  # 8 elements -> 5 bytes, in uint8 arithmetic
-        e = [q[:, k::8] for k in range(8)]
-        out = [e[0] | (e[1] << 5), (e[1] >> 3) | (e[2] << 2) | (e[3] << 7),
-               (e[3] >> 1) | (e[4] << 4), (e[4] >> 4) | (e[5] << 1) | (e[6] << 6),
-               (e[6] >> 2) | (e[7] << 3)]
-    elif bits == 6:  # 4 elements -> 3 bytes
-        e = [q[:, k::4] for k in range(4)]
-        out = [e[0] | (e[1] << 6), (e[1] >> 2) | (e[2] << 4), (e[2] >> 4) | (e[3] << 2)]
-    else:  # 2 and 3 bits: rare, through a bit array
-        b = np.unpackbits(q[..., None], axis=-1, bitorder="little")[..., :bits]
-        return np.packbits(b.reshape(rows, -1), axis=-1, bitorder="little").view(np.uint32)
-    return np.stack(out, axis=-1).reshape(rows, -1).view(np.uint32)
+    words = np.ascontiguousarray(q).view(np.uint64)
+    return take_packed(compact_words(words, bits, copy=True), bits, rows)
+
+
+# Word-wise packing: a uint64 holding 8 codes (one per byte) is squeezed in three halving steps
+# (pairs in 16-bit lanes, quads in 32-bit lanes, then all 8), a few whole-array passes instead
+# of one pass per bit field.
+_LANE_LOW = [np.uint64(m) for m in (0x00FF00FF00FF00FF, 0x0000FFFF0000FFFF, 0x00000000FFFFFFFF)]
+_LANE_HIGH = [~m for m in _LANE_LOW]
+
+
+def compact_words(words: np.ndarray, bits: int, copy: bool = False) -> np.ndarray:
+    """uint64 words of 8 codes < 2**bits (code k in byte k) -> the 8*bits-bit little-endian
+    stream of those codes in each word's low bits; in place unless copy."""
+    x = words.copy() if copy else words
+    t = np.empty_like(x)
+    for step, (low, high) in enumerate(zip(_LANE_LOW, _LANE_HIGH)):
+        half = 8 << step  # the upper half-lane moves down over the lower one's unused bits
+        np.bitwise_and(x, high, out=t)
+        t >>= np.uint64(half - bits * half // 8)
+        x &= low
+        x |= t
+    return x
+
+
+def take_packed(words: np.ndarray, bits: int, rows: int) -> np.ndarray:
+    """compact_words' output -> (rows, -1) uint32: the low `bits` bytes of every word."""
+    low_bytes = np.dtype({"names": ["b"], "formats": [f"V{bits}"], "offsets": [0], "itemsize": 8})
+    return np.ascontiguousarray(words.reshape(-1).view(low_bytes)["b"]).view(np.uint8).reshape(
+        rows, -1).view(np.uint32)
 
 
 def _fp16(x: np.ndarray) -> np.ndarray:
@@ -108,8 +127,9 @@ def _requantized(qtype: QT) -> Callable[[np.ndarray], tuple]:
     return lambda blocks: _minmax(gguf_dequantize(blocks, qtype), K_BITS[qtype])
 
 
-def repack_k(raw: np.ndarray, qtype: QT) -> Triplet | None:
-    """(rows, row_bytes) GGML K-quant rows -> MLX (packed uint32, fp16 scales, fp16 biases).
+def repack_k(raw: np.ndarray, qtype: QT, alloc: Alloc = np.empty) -> Triplet | None:
+    """(rows, row_bytes) GGML K-quant rows -> MLX (packed uint32, fp16 scales, fp16 biases),
+    written into arrays from alloc (see in_row_chunks).
 
     None when a scale or bias overflows fp16 (the caller dequantizes instead)."""
     block_bytes, bits = GGML_QUANT_SIZES[qtype][1], K_BITS[qtype]
@@ -121,25 +141,29 @@ def repack_k(raw: np.ndarray, qtype: QT) -> Triplet | None:
         codes, scales, biases = convert(rows.reshape(-1, block_bytes))
         return pack(codes.reshape(n, -1), bits), scales.reshape(n, -1), biases.reshape(n, -1)
 
-    packed, scales, biases = in_row_chunks(raw, qtype, rows_to_mlx)
+    packed, scales, biases = in_row_chunks(raw, qtype, rows_to_mlx, alloc)
     if not (np.isfinite(scales).all() and np.isfinite(biases).all()):
         return None
     return packed, scales, biases
 
 
-def in_row_chunks(raw: np.ndarray, qtype: QT, fn: Callable[[np.ndarray], Triplet]) -> Triplet:
-    """fn over chunks of raw's rows, into preallocated outputs: a large tensor (an embedding)
-    never has all of its temporaries alive at once."""
+
+def in_row_chunks(raw: np.ndarray, qtype: QT, fn: Callable[[np.ndarray], Triplet],
+                  alloc: Alloc = np.empty) -> Triplet:
+    """fn over chunks of raw's rows, copied into outputs from alloc(shape, dtype): a large tensor
+    (an embedding) never has all of its temporaries alive at once, and an allocator handing out
+    views of MLX arrays receives the result without a whole-tensor numpy copy in between. alloc
+    may return another float dtype for float16 parts (the scales), which are cast on copy."""
     block, block_bytes = GGML_QUANT_SIZES[qtype]
     rows = raw.shape[0]
     step = max(1, _CHUNK_ELEMENTS // (raw.shape[1] // block_bytes * block))
-    if step >= rows:
-        return fn(raw)
     out = None
     for start in range(0, rows, step):
         parts = fn(raw[start : start + step])
         if out is None:
-            out = tuple(np.empty((rows, *p.shape[1:]), p.dtype) for p in parts)
+            if step >= rows and alloc is np.empty:
+                return parts
+            out = tuple(alloc((rows, *p.shape[1:]), p.dtype) for p in parts)
         for o, p in zip(out, parts):
             o[start : start + p.shape[0]] = p
     return out
