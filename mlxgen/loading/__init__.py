@@ -13,7 +13,6 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from tqdm import tqdm
 
 from .. import backends
 from ..backends import device
@@ -49,6 +48,8 @@ def load(
     lazy: as in mlx-lm, do not evaluate the parameters: dtype casts and dequantization run on
     first use. The file is still read (and GGUF blocks repacked) here.
     """
+    from tqdm import tqdm  # imported here, so `import mlxgen` does not pay for it
+
     backends.check_environment()
     with tqdm(total=2, desc=f"loading {source}", unit="step", disable=not progress) as bar:
         bar.set_postfix_str("reading weights and tokenizer")

@@ -9,6 +9,9 @@ Everything is vectorized over blocks; large tensors are done in row chunks to bo
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 from typing import Callable
 
 import numpy as np
@@ -19,7 +22,8 @@ from gguf.quants import Q4_K, dequantize as gguf_dequantize
 K_BITS = {QT.Q4_K: 4, QT.Q5_K: 5, QT.Q6_K: 8, QT.Q3_K: 5, QT.Q2_K: 4}
 K_EXACT = {QT.Q4_K, QT.Q5_K}
 GROUP = 32
-_CHUNK_ELEMENTS = 1 << 22  # rows per chunk are chosen so temporaries stay ~tens of MB
+_CHUNK_ELEMENTS = 1 << 20  # rows per chunk: temporaries of a few MB each, near the caches
+_MAX_WORKERS = 8  # repack threads (memory-bound passes: more cores stop helping)
 
 Triplet = tuple[np.ndarray, np.ndarray, np.ndarray]
 Alloc = Callable[[tuple, np.dtype], np.ndarray]  # (shape, dtype) -> a writable array
@@ -95,9 +99,13 @@ def _q6k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     n = blocks.shape[0]
     ql = blocks[:, :128].reshape(n, 2, 1, 64)
     qh = blocks[:, 128:192].reshape(n, 2, 1, 32)
-    low = np.concatenate([ql & 0x0F, ql >> 4], axis=2).reshape(n, 2, 128)
+    q = np.empty((n, 2, 2, 64), np.uint8)  # the 6-bit codes, built in place
+    np.bitwise_and(ql, 0x0F, out=q[:, :, :1])
+    np.right_shift(ql, 4, out=q[:, :, 1:])
     high = (qh >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3
-    q = (low | (high.reshape(n, 2, 128) << 4)).astype(np.int16) - 32
+    high <<= 4
+    q = q.reshape(n, 2, 128)
+    q |= high.reshape(n, 2, 128)
     sc = blocks[:, 192:208].copy().view(np.int8).astype(np.int16).reshape(n, 8, 2)
     d = blocks[:, 208:210].copy().view(np.float16).astype(np.float32)
     pick = np.abs(sc[..., 1]) > np.abs(sc[..., 0])
@@ -106,8 +114,14 @@ def _q6k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     per_step = np.where(clash, np.float32(255 / 64), np.float32(4))  # lattice steps per d*sc_big
     offset = np.where(clash, np.float32(127.5), np.float32(128))
     ratio = (per_step[..., None] * sc / np.where(big == 0, 1, big)[..., None]).astype(np.float32)
-    codes = np.rint(ratio[..., None] * q.reshape(n, 8, 2, 16) + offset[..., None, None])
-    codes = np.clip(codes, 0, 255).astype(np.uint8).reshape(n, 8, 32)
+    # rint(ratio * (q - 32) + offset) in one float32 buffer (the same float32 operations)
+    x = q.reshape(n, 8, 2, 16).astype(np.float32)
+    x -= 32
+    x *= ratio[..., None]
+    x += offset[..., None, None]
+    np.rint(x, out=x)
+    np.clip(x, 0, 255, out=x)
+    codes = x.astype(np.uint8).reshape(n, 8, 32)
     scales = _fp16(d * big / per_step)
     return codes, scales, _fp16(-offset * scales.astype(np.float32))
 
@@ -153,17 +167,34 @@ def in_row_chunks(raw: np.ndarray, qtype: QT, fn: Callable[[np.ndarray], Triplet
     """fn over chunks of raw's rows, copied into outputs from alloc(shape, dtype): a large tensor
     (an embedding) never has all of its temporaries alive at once, and an allocator handing out
     views of MLX arrays receives the result without a whole-tensor numpy copy in between. alloc
-    may return another float dtype for float16 parts (the scales), which are cast on copy."""
+    may return another float dtype for float16 parts (the scales), which are cast on copy.
+    Chunks after the first run on a thread pool: numpy releases the GIL inside each pass."""
     block, block_bytes = GGML_QUANT_SIZES[qtype]
     rows = raw.shape[0]
     step = max(1, _CHUNK_ELEMENTS // (raw.shape[1] // block_bytes * block))
-    out = None
-    for start in range(0, rows, step):
-        parts = fn(raw[start : start + step])
-        if out is None:
-            if step >= rows and alloc is np.empty:
-                return parts
-            out = tuple(alloc((rows, *p.shape[1:]), p.dtype) for p in parts)
+    first = fn(raw[:step])
+    if step >= rows and alloc is np.empty:
+        return first
+    out = tuple(alloc((rows, *p.shape[1:]), p.dtype) for p in first)
+
+    def store(start: int, parts: Triplet) -> None:
         for o, p in zip(out, parts):
             o[start : start + p.shape[0]] = p
+
+    store(0, first)
+    starts = range(step, rows, step)
+    if len(starts) > 1 and _workers() > 1:
+        list(_pool().map(lambda start: store(start, fn(raw[start : start + step])), starts))
+    else:
+        for start in starts:
+            store(start, fn(raw[start : start + step]))
     return out
+
+
+def _workers() -> int:
+    return min(_MAX_WORKERS, os.cpu_count() or 1)
+
+
+@cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(_workers(), thread_name_prefix="mlxgen-repack")
