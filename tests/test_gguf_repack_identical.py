@@ -5,8 +5,9 @@ vocabulary and merges."""
 
 from __future__ import annotations
 
-import math
+import os
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -102,3 +103,28 @@ def test_vocab_keeps_first_id_and_merges_split_like_before():
                                                                    ("b", "c")]
     with pytest.raises(Exception, match="does not name two vocabulary tokens"):
         gguf_tokenizer._merges(["x y"], vocab)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_repack_threads_work_in_a_forked_child(small_chunks):
+    """A child forked after a load has none of the parent's pool threads: it gets its own."""
+    raw = random_blocks((40, 512), QT.Q4_K, np.random.default_rng(5))
+    want = gguf_quants.repack_k(raw, QT.Q4_K)  # starts this process's pool
+    pid = os.fork()
+    if pid == 0:  # the child: exit code 0 only if the repack finished and matched
+        code = 2
+        try:
+            got = gguf_quants.repack_k(raw, QT.Q4_K)
+            code = 0 if all((g == w).all() for g, w in zip(got, want)) else 1
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child's repack hung")

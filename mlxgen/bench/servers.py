@@ -167,6 +167,24 @@ class OllamaTarget(Target):
             extra={"empty_first_token": first is None, "done_reason": done.get("done_reason")},
         )
 
+    def cold(self, prompt: Prompt, max_tokens: int = 1) -> float | None:
+        """Unload the model (`keep_alive: 0`), wait until /api/ps no longer lists it, then time
+        one request: load + prefill + first token."""
+        conn, resp = request(f"{self.url}/api/generate",
+                             {"model": self.model, "keep_alive": 0, "stream": False}, self.timeout)
+        resp.read()
+        conn.close()
+        names = {self.model, f"{self.model}:latest"}
+        deadline = time.perf_counter() + 60
+        while time.perf_counter() < deadline:
+            ps, _ = get_json(f"{self.url}/api/ps")
+            if not names & {m.get("name") for m in (ps or {}).get("models") or []}:
+                break
+            time.sleep(0.1)
+        else:
+            raise TargetError(f"Ollama did not unload {self.model} within 60 s")
+        return self.run(prompt, max_tokens).ttft_s
+
     def info(self) -> dict[str, Any]:
         return {**super().info(), "url": self.url, "model": self.model, "version": self.version,
                 "num_ctx": self.num_ctx, "server_load_s": self.server_load_s}

@@ -184,7 +184,8 @@ def in_row_chunks(raw: np.ndarray, qtype: QT, fn: Callable[[np.ndarray], Triplet
     store(0, first)
     starts = range(step, rows, step)
     if len(starts) > 1 and _workers() > 1:
-        list(_pool().map(lambda start: store(start, fn(raw[start : start + step])), starts))
+        work = lambda start: store(start, fn(raw[start : start + step]))  # noqa: E731
+        list(_pool(os.getpid()).map(work, starts))
     else:
         for start in starts:
             store(start, fn(raw[start : start + step]))
@@ -196,5 +197,6 @@ def _workers() -> int:
 
 
 @cache
-def _pool() -> ThreadPoolExecutor:
+def _pool(pid: int) -> ThreadPoolExecutor:
+    # one per process: a forked child does not inherit the parent's worker threads
     return ThreadPoolExecutor(_workers(), thread_name_prefix="mlxgen-repack")

@@ -211,7 +211,8 @@ def _register_added_tokens(tokenizer: Tokenizer, marked: list[tuple[str, int]]) 
     # whole like special tokens but still show up in decoded text.
     special = [AddedToken(t, special=True, normalized=False)
                for t, ty in marked if ty in (CONTROL, UNKNOWN)]
-    user = [AddedToken(t, special=False, normalized=False) for t, ty in marked if ty == USER_DEFINED]
+    user = [AddedToken(t, special=False, normalized=False)
+            for t, ty in marked if ty == USER_DEFINED]
     if special:
         tokenizer.add_special_tokens(special)
     if user:
