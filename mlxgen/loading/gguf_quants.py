@@ -77,16 +77,35 @@ def _fp16(x: np.ndarray) -> np.ndarray:
 
 
 def _q4k_q5k(blocks: np.ndarray, qtype: QT) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(n, block_bytes) -> codes (n, 8, 32), scales (n, 8) and biases (n, 8), both fp16."""
+    """(n, block_bytes) -> codes (n, 8, 32) (Q4_K: already packed, (n, 32) uint32), scales (n, 8)
+    and biases (n, 8), both fp16."""
     d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
     dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
     sc, m = Q4_K.get_scale_min(blocks[:, 4:16])  # the 6-bit scale/min unpacking, shared by Q5_K
+    scales, biases = _fp16(d * sc), _fp16(-(dmin * m))
+    if qtype == QT.Q4_K:  # already 4-bit: reorder the nibbles straight into MLX's packing
+        return _q4k_packed(blocks[:, -128:]), scales, biases
     qs = blocks[:, -128:].reshape(-1, 4, 1, 32)  # chunk j: low nibbles = sub-block 2j, high = 2j+1
     q = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(-1, 8, 32)
-    if qtype == QT.Q5_K:  # bit j of qh[l] is the 5th bit of element l of sub-block j
-        qh = blocks[:, 16:48]
-        q |= ((qh[:, None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1) << 4
-    return q, _fp16(d * sc), _fp16(-(dmin * m))
+    # bit j of qh[l] is the 5th bit of element l of sub-block j
+    qh = blocks[:, 16:48]
+    q |= ((qh[:, None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1) << 4
+    return q, scales, biases
+
+
+def _q4k_packed(qs: np.ndarray) -> np.ndarray:
+    """Q4_K's 128 code bytes per block -> MLX's 4-bit packing (n, 32) uint32. Chunk j of 32
+    bytes holds sub-block 2j in its low nibbles and 2j+1 in its high ones; MLX wants elements
+    2b and 2b+1 of a sub-block in the low and high nibble of its byte b."""
+    pairs = qs.reshape(-1, 4, 16, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    out = np.empty((qs.shape[0], 4, 2, 16), np.uint8)
+    low, high = out[:, :, 0], out[:, :, 1]
+    np.left_shift(odd, 4, out=low)  # uint8: the high nibble shifts out
+    low |= even & 0x0F
+    np.right_shift(even, 4, out=high)
+    high |= odd & 0xF0
+    return out.reshape(qs.shape[0], -1).view(np.uint32)
 
 
 def _q6k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -153,7 +172,8 @@ def repack_k(raw: np.ndarray, qtype: QT, alloc: Alloc = np.empty) -> Triplet | N
     def rows_to_mlx(rows: np.ndarray) -> Triplet:
         n = rows.shape[0]
         codes, scales, biases = convert(rows.reshape(-1, block_bytes))
-        return pack(codes.reshape(n, -1), bits), scales.reshape(n, -1), biases.reshape(n, -1)
+        packed = codes if codes.dtype == np.uint32 else pack(codes.reshape(n, -1), bits)
+        return packed.reshape(n, -1), scales.reshape(n, -1), biases.reshape(n, -1)
 
     packed, scales, biases = in_row_chunks(raw, qtype, rows_to_mlx, alloc)
     if not (np.isfinite(scales).all() and np.isfinite(biases).all()):
