@@ -119,6 +119,7 @@ class OllamaTarget(Target):
         self.version: str | None = None
         self.load_note = "cold load request (client wall time); server load_duration in info"
         self.server_load_s: float | None = None
+        self.cold_server_load_s: float | None = None  # load_duration of the last cold()
 
     def _options(self, max_tokens: int) -> dict:
         # A fixed num_ctx for every request: a change would reload the model mid-benchmark,
@@ -183,7 +184,9 @@ class OllamaTarget(Target):
             time.sleep(0.1)
         else:
             raise TargetError(f"Ollama did not unload {self.model} within 60 s")
-        return self.run(prompt, max_tokens).ttft_s
+        m = self.run(prompt, max_tokens)
+        self.cold_server_load_s = m.server_load_s
+        return m.ttft_s
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "url": self.url, "model": self.model, "version": self.version,
