@@ -5,6 +5,11 @@ quantized=...)` and the phases inside it (header, tokenizer, tensors, model buil
 interleaved (keep, dequantize, keep, ...) and medians reported, so neighbours' noise hits both.
 
     python bench/load_time.py --models smollm2,qwen2.5-coder --reps 3 --out bench/results/load
+
+With --ollama URL --ollama-models smollm2=NAME,... each round also times the reference Ollama's
+cold load of the same file (bench/reference/ollama_ref.py; OLLAMA_NUM_GPU=0): the model is
+unloaded (`keep_alive: 0`), then a one-token request reports `load_duration` (and the client's
+wall time for that request); its answer to a fixed question is checked once first.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import os
 import statistics
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +70,35 @@ def run_once(path: str, mode: str, root: str = str(ROOT), dtype: str | None = No
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _ollama(url: str, path: str, body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data, {"Content-Type": "application/json"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, no proxy
+    with opener.open(req, timeout=900) as r:
+        return json.loads(r.read())
+
+
+def ollama_check(url: str, name: str) -> str:
+    r = _ollama(url, "/api/generate", {"model": name, "stream": False, "raw": True,
+                                        "prompt": "The capital of France is",
+                                        "options": {"num_predict": 8, "temperature": 0}})
+    if "paris" not in r.get("response", "").lower():
+        raise SystemExit(f"reference Ollama's {name} answered {r.get('response')!r}: not Paris")
+    return r["response"]
+
+
+def ollama_cold_load(url: str, name: str) -> dict:
+    _ollama(url, "/api/generate", {"model": name, "keep_alive": 0, "prompt": "", "stream": False})
+    for _ in range(300):  # wait until the runner is gone: the next request loads from scratch
+        if not _ollama(url, "/api/ps").get("models"):
+            break
+        time.sleep(0.1)
+    t = time.perf_counter()
+    r = _ollama(url, "/api/generate", {"model": name, "stream": False, "raw": True, "prompt": "Hi",
+                                        "options": {"num_predict": 1, "temperature": 0}})
+    return {"load_s": r.get("load_duration", 0) / 1e9, "request_s": time.perf_counter() - t}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,7 +110,11 @@ def main() -> None:
                     help="LABEL=DIR,... mlxgen source trees to compare (e.g. an older checkout)")
     ap.add_argument("--dtype", help='e.g. "float16" with --modes keep: the Mac profile on the CPU')
     ap.add_argument("--out", help="write OUT.json and OUT.md")
+    ap.add_argument("--ollama", help="reference Ollama URL, e.g. http://127.0.0.1:11535")
+    ap.add_argument("--ollama-models", default="",
+                    help="MODEL=OLLAMA_NAME,... (MODEL as in --models)")
     args = ap.parse_args()
+    ollama_names = dict(kv.split("=", 1) for kv in args.ollama_models.split(",") if kv)
     sys.path.insert(0, str(ROOT))
     from mlxgen.loading import pypi
 
@@ -84,28 +124,54 @@ def main() -> None:
         trees = dict(t.split("=", 1) for t in args.trees.split(","))
         modes = args.modes.split(",")
         runs: dict[str, list[dict]] = {f"{label}:{m}": [] for label in trees for m in modes}
+        oname = ollama_names.get(model) if args.ollama else None
+        if oname:
+            print(model, "ollama answers:", repr(ollama_check(args.ollama, oname)), flush=True)
+        ollama_runs = []
         for rep in range(args.reps):
             for key in runs:  # interleaved
                 label, mode = key.split(":")
                 runs[key].append(run_once(path, mode, trees[label], args.dtype))
                 print(model, key, rep, runs[key][-1], flush=True)
+            if oname:
+                ollama_runs.append(ollama_cold_load(args.ollama, oname))
+                print(model, "ollama", rep, ollama_runs[-1], flush=True)
         results[model] = {
             "file_mb": os.path.getsize(path) / 2**20,
             **{mode: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "mlxgen"}
                for mode, rs in runs.items()},
+            "runs": runs,
         }
+        if ollama_runs:
+            results[model]["ollama"] = {k: statistics.median(r[k] for r in ollama_runs)
+                                        for k in ollama_runs[0]}
+            results[model]["ollama_runs"] = ollama_runs
     lines = ["| model | code:mode | import s | load s | read_gguf s | header s | tokenizer s "
              "| build s | RSS after import MB | peak RSS MB | MLX peak MB | weights MB | file MB |",
              "|---" * 13 + "|"]
     for model, r in results.items():
         for key, m in r.items():
-            if key == "file_mb":
+            if key in ("file_mb", "runs", "ollama", "ollama_runs"):
                 continue
             cells = [f"{m[k]:.2f}" for k in ("import_s", "load_s", "read_s", "header_s",
                                                 "tokenizer_s", "build_s")]
             cells += [f"{m[k]:.0f}" for k in ("import_rss_mb", "peak_rss_mb", "mlx_peak_mb",
                                                "weight_mb")]
             lines.append(f"| {model} | {key} | {' | '.join(cells)} | {r['file_mb']:.0f} |")
+    if any("ollama" in r for r in results.values()):
+        lines += ["", "| model | mlxgen code:mode | mlxgen load s | mlxgen import + load s "
+                  "| Ollama load_duration s | Ollama request s | load / Ollama "
+                  "| (import + load) / Ollama |", "|---" * 8 + "|"]
+        for model, r in results.items():
+            if "ollama" not in r:
+                continue
+            o = r["ollama"]
+            for key, rs in r["runs"].items():  # per-run sums, then the median
+                load = statistics.median(x["load_s"] for x in rs)
+                total = statistics.median(x["import_s"] + x["load_s"] for x in rs)
+                lines.append(f"| {model} | {key} | {load:.2f} | {total:.2f} | {o['load_s']:.2f} | "
+                             f"{o['request_s']:.2f} | {load / o['load_s']:.2f} | "
+                             f"{total / o['load_s']:.2f} |")
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -8,15 +8,16 @@ import secrets
 import threading
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.decoders import DecodeStream
 
 from .errors import ConfigError, MlxgenError, ModelLoadError
 from .jsonfile import read_json
+
+if TYPE_CHECKING:  # jinja2 is imported on the first chat template: not a cost of `import mlxgen`
+    import jinja2
 
 Message = dict[str, Any]
 
@@ -118,6 +119,8 @@ class Tokenizer:
             )
         messages = _check_messages(messages)
         if self._template is None:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
             env = ImmutableSandboxedEnvironment(
                 trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
             )

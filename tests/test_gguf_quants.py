@@ -183,7 +183,7 @@ def no_tensor_reads(monkeypatch):
     def fail(*a, **k):
         raise AssertionError("a tensor was read")
 
-    monkeypatch.setattr(gguf_loader, "_tensor_numpy", fail)
+    monkeypatch.setattr(gguf_loader, "_tensor_arrays", fail)
     monkeypatch.setattr(gguf_loader, "repack_k", fail)
 
 

@@ -162,6 +162,19 @@ def test_run_in_process_targets(tiny_dir):
     assert "| mlx-lm | 96 |" in text and "model load s" in text
 
 
+def test_cold_column_times_a_fresh_mlxgen_process(tiny_dir):
+    result = run(quick(model=str(tiny_dir), lengths=[48], reps=1, warmup=0, cold=True))
+    assert set(result.cold) == {"mlxgen"}  # mlx-lm builds from mlxgen's weights: no cold start
+    warm = next(r.median_s for r in result.rows if r.target == "mlxgen")
+    assert result.cold["mlxgen"][48] > warm  # import + load come on top of the prefill
+    text = result.markdown()
+    head = next(line for line in text.splitlines() if line.startswith("| target |"))
+    row = next(line for line in text.splitlines() if line.startswith("| mlx-lm | 48 |"))
+    column = head.split(" | ").index("cold TTFT ms")
+    assert row.split(" | ")[column] == "-"
+    assert result.record()["cold_ttft_s"] == {"mlxgen": {48: result.cold["mlxgen"][48]}}
+
+
 def test_every_run_waits_for_the_machine_to_settle(tiny_dir, monkeypatch):
     from mlxgen.bench import ttft
 

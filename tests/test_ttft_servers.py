@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from mlxgen.bench.prompts import Prompt
 from mlxgen.bench.servers import OllamaTarget
 from mlxgen.bench.stats import count_mismatch
 from mlxgen.bench.targets import TargetError
@@ -241,6 +242,11 @@ def test_against_reference_ollama(ollama, monkeypatch):
     ollama_target = next(t for t in result.targets if t["name"] == "ollama")
     assert ollama_target["version"] and ollama_target["load_s"] > 0
     assert "| ollama | 256 |" in result.markdown()
+    # A cold start (the --cold column): unloaded, the model leaves /api/ps, and the timed
+    # request loads it again (the harness's loop over targets is tested with mlxgen's).
+    target = OllamaTarget(url, "smollm2-ttft", num_ctx=512, timeout=300)
+    assert target.cold(Prompt("The capital of France is", [], "")) > target.cold_server_load_s
+    assert target.cold_server_load_s > 0.1  # a real load: an already loaded model reports ms
     # An unknown model on the real server: a clear, fatal message.
     with pytest.raises(TargetError, match="not found") as err:
         OllamaTarget(url, "no-such-model", num_ctx=512, timeout=30).setup()

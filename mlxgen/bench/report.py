@@ -27,9 +27,10 @@ class BenchResult:
     model: dict[str, Any]
     peak_gflops: float | None
     env: dict[str, Any] = field(default_factory=dict)
+    cold: dict[str, dict[int, float]] = field(default_factory=dict)  # target -> length -> s
 
     def table(self) -> str:
-        return markdown_table(self.rows, self.peak_gflops)
+        return markdown_table(self.rows, self.peak_gflops, self.cold)
 
     def markdown(self) -> str:
         peak = f"{self.peak_gflops:.1f} GFLOP/s" if self.peak_gflops else "not measured"
@@ -37,6 +38,10 @@ class BenchResult:
                  f"backend {self.env.get('backend', {}).get('name', '?')}, float32 matmul peak "
                  f"{peak} (best of the sweep); (!) = server prompt count > 2% off ours.", "", self.table(), "",
                  loads_table(self.targets)]
+        if self.cold:
+            parts[1:1] = ["cold TTFT: one run from nothing loaded to the first token (mlxgen: a "
+                          "fresh process, import + load + prefill; Ollama: after unloading the "
+                          "model)."]
         if self.failures:
             parts += ["", "Failures:"] + [f"- {k}: {v}" for k, v in self.failures.items()]
         return "\n".join(parts)
@@ -47,7 +52,7 @@ class BenchResult:
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "config": asdict(self.config), **self.env, "model": self.model,
             "matmul_peak_gflops": self.peak_gflops, "flops_formula": prefill_flops.__doc__,
-            "targets": self.targets, "failures": self.failures,
+            "targets": self.targets, "failures": self.failures, "cold_ttft_s": self.cold,
             "summary": [asdict(r) for r in self.rows], "samples": [asdict(s) for s in self.samples],
         })
 
@@ -62,10 +67,14 @@ def _ms(x: float | None) -> str:
     return "-" if x is None or x != x else f"{x * 1e3:.1f}"
 
 
-def markdown_table(rows: list[Row], peak_gflops: float | None = None) -> str:
-    """One line per (prompt length, target); `!` marks a server count > 2% off ours."""
+def markdown_table(rows: list[Row], peak_gflops: float | None = None,
+                   cold: dict[str, dict[int, float]] | None = None) -> str:
+    """One line per (prompt length, target); `!` marks a server count > 2% off ours. With cold
+    starts measured, a column of them (nothing loaded -> first token, one run)."""
     head = ["target", "prompt tok", "server tok", "TTFT median ms", "TTFT p90 ms", "runs",
             "prefill tok/s", "server prefill ms", "GFLOP/s", "% of matmul peak"]
+    if cold:
+        head.insert(5, "cold TTFT ms")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         server = "-" if r.server_prompt_tokens is None else str(r.server_prompt_tokens)
@@ -80,6 +89,8 @@ def markdown_table(rows: list[Row], peak_gflops: float | None = None) -> str:
             f"{r.gflops:.1f}" if r.gflops is not None else "-",
             f"{100 * r.gflops / peak_gflops:.0f}%" if r.gflops is not None and peak_gflops else "-",
         ]
+        if cold:
+            cells.insert(5, _ms(cold.get(r.target, {}).get(r.length)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

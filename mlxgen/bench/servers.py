@@ -119,6 +119,7 @@ class OllamaTarget(Target):
         self.version: str | None = None
         self.load_note = "cold load request (client wall time); server load_duration in info"
         self.server_load_s: float | None = None
+        self.cold_server_load_s: float | None = None  # load_duration of the last cold()
 
     def _options(self, max_tokens: int) -> dict:
         # A fixed num_ctx for every request: a change would reload the model mid-benchmark,
@@ -166,6 +167,26 @@ class OllamaTarget(Target):
             server_load_s=ns("load_duration"),
             extra={"empty_first_token": first is None, "done_reason": done.get("done_reason")},
         )
+
+    def cold(self, prompt: Prompt, max_tokens: int = 1) -> float | None:
+        """Unload the model (`keep_alive: 0`), wait until /api/ps no longer lists it, then time
+        one request: load + prefill + first token."""
+        conn, resp = request(f"{self.url}/api/generate",
+                             {"model": self.model, "keep_alive": 0, "stream": False}, self.timeout)
+        resp.read()
+        conn.close()
+        names = {self.model, f"{self.model}:latest"}
+        deadline = time.perf_counter() + 60
+        while time.perf_counter() < deadline:
+            ps, _ = get_json(f"{self.url}/api/ps")
+            if not names & {m.get("name") for m in (ps or {}).get("models") or []}:
+                break
+            time.sleep(0.1)
+        else:
+            raise TargetError(f"Ollama did not unload {self.model} within 60 s")
+        m = self.run(prompt, max_tokens)
+        self.cold_server_load_s = m.server_load_s
+        return m.ttft_s
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "url": self.url, "model": self.model, "version": self.version,

@@ -47,6 +47,11 @@ class Target:
     def run(self, prompt: Prompt, max_tokens: int = 1) -> Measurement:
         raise NotImplementedError
 
+    def cold(self, prompt: Prompt, max_tokens: int = 1) -> float | None:
+        """Seconds from nothing loaded to the first token (load + prefill), or None when this
+        target has no cold start to measure."""
+        return None
+
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "load_s": self.load_s, "load_note": self.load_note}
 
@@ -58,11 +63,41 @@ class MlxgenTarget(Target):
     kind = "in-process"
 
     def __init__(self, model, tokenizer, chunk_size: int | None = None, name: str | None = None,
-                 load_s: float | None = None):
+                 load_s: float | None = None, load_args: dict | None = None):
         self.model, self.tokenizer, self.chunk_size = model, tokenizer, chunk_size
         self.name = name or ("mlxgen" if chunk_size is None else f"mlxgen[chunk={chunk_size}]")
         self.load_s = load_s
         self.load_note = "mlxgen.load() wall time"
+        self.load_args = load_args  # load(**load_args) again in a fresh process, for cold()
+
+    def cold(self, prompt: Prompt, max_tokens: int = 1) -> float | None:
+        """A fresh Python process: import mlxgen, load, prefill, first token; timed from the
+        spawn to the child's report of its first token."""
+        if self.load_args is None:
+            return None
+        import json
+        import os
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        root = str(Path(__file__).resolve().parents[2])  # this tree's mlxgen, not an installed one
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+        job = json.dumps({"load": self.load_args, "ids": prompt.ids, "max_tokens": max_tokens,
+                          "chunk": self.chunk_size})
+        start = time.time()  # wall clock: the child stamps its first token with it
+        child = subprocess.Popen([sys.executable, "-c", _COLD_CHILD], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            out, err = child.communicate(job, timeout=900)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            raise TargetError("cold start took over 900 s") from None
+        lines = out.splitlines()
+        if child.returncode != 0 or not lines or not lines[0].startswith("first "):
+            raise TargetError(f"cold start failed: {err.strip().splitlines()[-1:] or out!r}")
+        return float(lines[0].split()[1]) - start
 
     def run(self, prompt: Prompt, max_tokens: int = 1) -> Measurement:
         from ..generate import stream_generate
@@ -85,6 +120,20 @@ class MlxgenTarget(Target):
                 "backend": rt.backend, "cache_mode": rt.cache_mode,
                 # mlx-lm's stream_generate wires the same recommended working set on Metal
                 "wired_limit": "recommended working set" if rt.wired_limit else None}
+
+
+_COLD_CHILD = """
+import json, sys, time
+job = json.loads(sys.stdin.read())
+import mlxgen
+from mlxgen.generate import stream_generate
+model, tokenizer = mlxgen.load(**job["load"])
+gen = stream_generate(model, tokenizer, job["ids"], max_tokens=job["max_tokens"],
+                      prefill_chunk_size=job["chunk"])
+next(gen)
+print("first", time.time(), flush=True)
+gen.close()
+"""
 
 
 class MlxLmTarget(Target):

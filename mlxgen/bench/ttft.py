@@ -53,6 +53,7 @@ class BenchConfig:
     # Measured: a Qwen 128-token prefill right after an Ollama request took 589 ms, 0.5 s later
     # 509 ms, 2 s later 499 ms (bench/NOTES.md).
     settle_s: float = 1.0
+    cold: bool = False  # after the warm sweep: one cold start per target and length
 
     def model_source(self) -> str:
         from ..loading.pypi import DEFAULT_MODEL
@@ -69,7 +70,10 @@ def make_targets(config: BenchConfig, model, tokenizer, load_s: float) -> list[T
         raise MlxgenError(f"unknown in-process target(s) {sorted(unknown)}; known: {IN_PROCESS}.")
     if "mlxgen" in config.targets:
         for chunk in config.chunk_sizes or [None]:
-            targets.append(MlxgenTarget(model, tokenizer, chunk, load_s=load_s))
+            load_args = {"source": config.model_source(), "dtype": config.dtype,
+                         "quantized": config.quantized}
+            targets.append(MlxgenTarget(model, tokenizer, chunk, load_s=load_s,
+                                        load_args=load_args))
     if "mlx-lm" in config.targets:
         targets.append(MlxLmTarget(model, tokenizer))
     if config.ollama:
@@ -163,11 +167,31 @@ def run(config: BenchConfig, log=None) -> BenchResult:
                     failures[name] = f"dropped at {length} tokens{why}: {sample.error}"
                     log(f"[{name}] {failures[name]}")
     bar.close()
+    cold = _cold_starts(config, tokenizer, [t for t in live if t.name not in failures], log)
     for t in live:
         t.close()
     peak = max([*peaks, matmul_gflops()]) if peaks else None
     return BenchResult(config, samples, summarize(samples, flops_of), [t.info() for t in targets],
-                       failures, model_info, peak, report.environment())
+                       failures, model_info, peak, report.environment(), cold)
+
+
+def _cold_starts(config: BenchConfig, tokenizer, targets: list[Target], log) -> dict:
+    """{target: {length: seconds}}: one cold start (nothing loaded -> first token) per target
+    and length, for targets that have one (a fresh mlxgen process; Ollama after an unload)."""
+    cold: dict[str, dict[int, float]] = {}
+    if not config.cold:
+        return cold
+    for length in sorted(config.lengths):
+        for t in targets:
+            time.sleep(config.settle_s)
+            try:
+                seconds = t.cold(build_prompt(tokenizer, length), config.max_tokens)
+            except TargetError as e:
+                log(f"[{t.name}] cold start at {length} tokens failed: {e}")
+                continue
+            if seconds is not None:
+                cold.setdefault(t.name, {})[length] = seconds
+    return cold
 
 
 def _ints(text: str) -> list[int]:
@@ -209,6 +233,9 @@ def build_parser(prog: str = "mlxgen bench ttft") -> argparse.ArgumentParser:
     p.add_argument("--settle", type=float, default=1.0, metavar="SECONDS",
                    help="idle pause before every run, so the previous target's spinning threads "
                         "do not slow the next one (default: 1.0)")
+    p.add_argument("--cold", action="store_true",
+                   help="also time one cold start per target and length: a fresh mlxgen process "
+                        "(import, load, first token), Ollama after unloading the model")
     p.add_argument("--no-peak", action="store_true", help="skip the matmul peak measurement")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -223,7 +250,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         lengths=args.lengths, reps=args.reps, warmup=args.warmup, max_tokens=args.max_tokens,
         timeout=args.timeout, max_failures=args.max_failures, dtype=args.dtype,
         quantized=args.quantized, measure_peak=not args.no_peak, progress=not args.no_progress,
-        settle_s=args.settle,
+        settle_s=args.settle, cold=args.cold,
     )
 
 

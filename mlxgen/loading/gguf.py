@@ -25,7 +25,8 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from ..errors import ModelLoadError, UnsupportedModelError
 from . import limits
-from .gguf_quants import K_BITS, K_EXACT, in_row_chunks, pack, repack_k
+from .gguf_quants import (K_BITS, K_EXACT, compact_words, in_row_chunks, pack, repack_k,
+                          take_packed)
 from .gguf_tokenizer import TokenizerParts, tokenizer_from_gguf
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ _FLOAT_DTYPES = {QT.F32: np.float32, QT.F16: np.float16, QT.F64: np.float64}
 _VALUE_DTYPES = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
                  10: "<u8", 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 
 
 @dataclass
@@ -98,6 +100,20 @@ class _Cursor:
         self.pos += n
         return self.buf[self.pos - n : self.pos].decode("utf-8", errors="replace")
 
+    def strings(self, count: int) -> list[str]:
+        """count strings in one tight loop (a vocabulary and its merges: 300k strings)."""
+        buf, pos, end, length = self.buf, self.pos, len(self.buf), _U64.unpack_from
+        out = [""] * count
+        for i in range(count):
+            n = length(buf, pos)[0]
+            pos += 8
+            if n > end - pos:
+                raise EOFError
+            out[i] = buf[pos : pos + n].decode("utf-8", errors="replace")
+            pos += n
+        self.pos = pos
+        return out
+
     def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype == _STRING:
             return self.string()
@@ -112,6 +128,8 @@ class _Cursor:
                 self.pos += count * dt.itemsize
                 return arr.tolist()
             self.count(count, 8 if etype == _STRING else 12, "array")  # a length / type+count
+            if etype == _STRING:
+                return self.strings(count)
             return [self.value(etype, depth + 1) for _ in range(count)]
         dt = np.dtype(_VALUE_DTYPES[vtype])  # KeyError: unknown value type
         value = np.frombuffer(self.buf, dt, 1, self.pos)[0]
@@ -203,6 +221,12 @@ def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
     return GGUFHeader(version, meta, tensors, buf)
 
 
+# byte b -> a uint64 whose byte k holds bit k of b at bit 4: Q5's fifth bits, eight codes at once
+_FIFTH_BITS = (np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
+               .astype(np.uint8) << 4).view(np.uint64)[:, 0]
+_NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
+
+
 def _repack_native(raw: np.ndarray, qtype: QT) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rows, row_bytes) GGML blocks -> MLX (packed uint32, fp16 scales, fp16 biases)."""
     block_bytes = GGML_QUANT_SIZES[qtype][1]
@@ -221,10 +245,16 @@ def _repack_native(raw: np.ndarray, qtype: QT) -> tuple[np.ndarray, np.ndarray, 
         even, odd = qs[..., 0::2], qs[..., 1::2]
         packed = np.concatenate([(even & 0x0F) | (odd << 4), (even >> 4) | (odd & 0xF0)], -1)
         return packed.reshape(raw.shape[0], -1).view(np.uint32), d, bias
-    # Q5: the 5th bit of element j is bit j of the little-endian 32-bit qh word.
-    high = np.unpackbits(blocks[..., low_at - 4 : low_at], axis=-1, bitorder="little")
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1) | (high << 4)
-    return pack(q, bits), d, bias
+    # Q5, eight codes per uint64: words 0-1 are the low nibbles (elements 0-15), words 2-3 the
+    # high ones (16-31); the 5th bit of element j is bit j of the little-endian 32-bit qh.
+    rows, n_blocks = blocks.shape[:2]
+    nibbles = np.ascontiguousarray(qs).view(np.uint64)
+    words = np.empty((rows, n_blocks, 4), np.uint64)
+    np.bitwise_and(nibbles, _NIBBLES, out=words[..., :2])
+    np.right_shift(nibbles, np.uint64(4), out=words[..., 2:])
+    words[..., 2:] &= _NIBBLES
+    words |= _FIFTH_BITS[blocks[..., low_at - 4 : low_at]]
+    return take_packed(compact_words(words, bits), bits, rows), d, bias
 
 
 def quantized_bits(qtype: QT) -> int | None:
@@ -232,27 +262,50 @@ def quantized_bits(qtype: QT) -> int | None:
     return NATIVE_BITS.get(qtype) or K_BITS.get(qtype)
 
 
-def _tensor_numpy(buf: mmap.mmap, t: TensorInfo, keep: bool) -> list[np.ndarray]:
-    """One array, or [weight, scales, biases] when kept MLX-quantized (BF16 as raw uint16).
+_MX_DTYPES = {np.dtype(np.uint32): mx.uint32, np.dtype(np.float16): mx.float16,
+              np.dtype(np.float32): mx.float32}
+
+
+class _MlxOutputs:
+    """An in_row_chunks allocator: MLX arrays, handed out as writable numpy views of the same
+    memory, so repacked rows land in the model's buffers with no whole-tensor copy in between.
+    float16 parts (scales, biases) are allocated in scale_dtype (exact: fp16 widens losslessly)."""
+
+    def __init__(self, scale_dtype: mx.Dtype):
+        self.scale_dtype, self.arrays = scale_dtype, []
+
+    def __call__(self, shape: tuple, dtype: np.dtype) -> np.ndarray:
+        dtype = self.scale_dtype if np.dtype(dtype) == np.float16 else _MX_DTYPES[np.dtype(dtype)]
+        array = mx.zeros(shape, dtype)
+        mx.eval(array)
+        self.arrays.append(array)
+        return np.array(array, copy=False)
+
+
+def _tensor_arrays(buf: mmap.mmap, t: TensorInfo, keep: bool,
+                   scale_dtype: mx.Dtype = mx.float16) -> list[mx.array]:
+    """One array, or [weight, scales, biases] when kept MLX-quantized.
 
     Reads straight from the mapped file: only this tensor's repacked arrays are allocated."""
     if t.qtype in _FLOAT_DTYPES:  # F64 has no MLX dtype: narrowed to float32
         arr = np.frombuffer(buf, _FLOAT_DTYPES[t.qtype], math.prod(t.shape), t.offset)
         arr = arr.reshape(t.shape)
-        return [arr.astype(np.float32) if t.qtype == QT.F64 else arr]
+        return [mx.array(arr.astype(np.float32) if t.qtype == QT.F64 else arr)]
     if t.qtype == QT.BF16:
-        return [np.frombuffer(buf, np.uint16, math.prod(t.shape), t.offset).reshape(t.shape)]
+        raw16 = np.frombuffer(buf, np.uint16, math.prod(t.shape), t.offset).reshape(t.shape)
+        return [mx.array(raw16).view(mx.bfloat16)]
     lead = t.shape[:-1]
     raw = np.frombuffer(buf, np.uint8, t.nbytes, t.offset).reshape(math.prod(lead), -1)
     if keep:
+        out = _MlxOutputs(scale_dtype if scale_dtype in (mx.float16, mx.float32) else mx.float16)
         if t.qtype in NATIVE_BITS:
-            triplet = in_row_chunks(raw, t.qtype, lambda rows: _repack_native(rows, t.qtype))
+            triplet = in_row_chunks(raw, t.qtype, lambda rows: _repack_native(rows, t.qtype), out)
             if not np.isfinite(triplet[2]).all():  # fp16 overflow of -128*d: the one inexact case
                 triplet = None
         else:
-            triplet = repack_k(raw, t.qtype)  # None on an fp16 overflow
+            triplet = repack_k(raw, t.qtype, out)  # None on an fp16 overflow
         if triplet is not None:
-            return [a.reshape(*lead, -1) for a in triplet]
+            return [a.reshape(*lead, -1) for a in out.arrays]
     try:
         values = gguf_dequantize(raw, t.qtype)
     except NotImplementedError:
@@ -260,13 +313,14 @@ def _tensor_numpy(buf: mmap.mmap, t: TensorInfo, keep: bool) -> list[np.ndarray]
             f"tensor {t.name} uses GGML type {t.qtype.name}, which cannot be dequantized here; "
             "use a GGUF quantized as Q4_K_M, Q8_0 or similar."
         ) from None
-    return [values.reshape(t.shape)]
+    return [mx.array(values.reshape(t.shape))]
 
 
-def _load_tensor(buf: mmap.mmap, t: TensorInfo, keep: bool) -> list[mx.array]:
-    arrays = [mx.array(a) for a in _tensor_numpy(buf, t, keep)]
+def _load_tensor(buf: mmap.mmap, t: TensorInfo, keep: bool,
+                 scale_dtype: mx.Dtype = mx.float16) -> list[mx.array]:
+    arrays = _tensor_arrays(buf, t, keep, scale_dtype)
     _release_pages(buf, t)
-    return [arrays[0].view(mx.bfloat16)] if t.qtype == QT.BF16 else arrays
+    return arrays
 
 
 def _release_pages(buf: mmap.mmap, t: TensorInfo) -> None:
@@ -441,14 +495,17 @@ _GGUF_KEYS = {
 
 
 def read_gguf(
-    path: str | os.PathLike, dequantize: bool = False, k_quants: bool = True
+    path: str | os.PathLike, dequantize: bool = False, k_quants: bool = True,
+    scale_dtype: mx.Dtype = mx.float16,
 ) -> GGUFContents:
     """Load a llama/qwen2/qwen3/qwen3moe/gemma2/gemma3/phi3 GGUF as an HF-layout config, weights
     and tokenizer.
 
     dequantize: every tensor as float (the gguf package's values). Otherwise Q4_0..Q8_0 stay
     MLX-quantized (bit-exact), and with k_quants the K-quants too (Q4_K/Q5_K up to fp16 scales,
-    Q6_K/Q3_K/Q2_K in their nearest MLX form); without, those are float32 as gguf computes them."""
+    Q6_K/Q3_K/Q2_K in their nearest MLX form); without, those are float32 as gguf computes them.
+    scale_dtype: float16 (as GGUF stores them) or float32 (the same values, for a model that
+    will run in float32: saves converting them afterwards)."""
     path = Path(path)
     header = read_gguf_header(path)
     meta = header.metadata
@@ -477,7 +534,7 @@ def read_gguf(
             len(t.shape) >= 2 and (k_quants or t.qtype in NATIVE_BITS))
         jobs.append((t, keep, ("", "") if rope else hf_module_name(t.name, arch)))
     for t, keep, (module, suffix) in jobs:
-        arrays = _load_tensor(header.buffer, t, keep)
+        arrays = _load_tensor(header.buffer, t, keep, scale_dtype)
         if t.name == "rope_freqs.weight":
             config["rope_freq_factors"] = arrays[0].astype(mx.float32).tolist()
             continue

@@ -9,6 +9,9 @@ Everything is vectorized over blocks; large tensors are done in row chunks to bo
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 from typing import Callable
 
 import numpy as np
@@ -19,9 +22,11 @@ from gguf.quants import Q4_K, dequantize as gguf_dequantize
 K_BITS = {QT.Q4_K: 4, QT.Q5_K: 5, QT.Q6_K: 8, QT.Q3_K: 5, QT.Q2_K: 4}
 K_EXACT = {QT.Q4_K, QT.Q5_K}
 GROUP = 32
-_CHUNK_ELEMENTS = 1 << 22  # rows per chunk are chosen so temporaries stay ~tens of MB
+_CHUNK_ELEMENTS = 1 << 20  # rows per chunk: temporaries of a few MB each, near the caches
+_MAX_WORKERS = 8  # repack threads (memory-bound passes: more cores stop helping)
 
 Triplet = tuple[np.ndarray, np.ndarray, np.ndarray]
+Alloc = Callable[[tuple, np.dtype], np.ndarray]  # (shape, dtype) -> a writable array
 
 
 def pack(q: np.ndarray, bits: int) -> np.ndarray:
@@ -34,18 +39,36 @@ def pack(q: np.ndarray, bits: int) -> np.ndarray:
         return np.ascontiguousarray(q).view(np.uint32)
     if bits == 4:
         return (q[:, 0::2] | (q[:, 1::2] << 4)).view(np.uint32)
-    if bits == 5:  # 8 elements -> 5 bytes, in uint8 arithmetic
-        e = [q[:, k::8] for k in range(8)]
-        out = [e[0] | (e[1] << 5), (e[1] >> 3) | (e[2] << 2) | (e[3] << 7),
-               (e[3] >> 1) | (e[4] << 4), (e[4] >> 4) | (e[5] << 1) | (e[6] << 6),
-               (e[6] >> 2) | (e[7] << 3)]
-    elif bits == 6:  # 4 elements -> 3 bytes
-        e = [q[:, k::4] for k in range(4)]
-        out = [e[0] | (e[1] << 6), (e[1] >> 2) | (e[2] << 4), (e[2] >> 4) | (e[3] << 2)]
-    else:  # 2 and 3 bits: rare, through a bit array
-        b = np.unpackbits(q[..., None], axis=-1, bitorder="little")[..., :bits]
-        return np.packbits(b.reshape(rows, -1), axis=-1, bitorder="little").view(np.uint32)
-    return np.stack(out, axis=-1).reshape(rows, -1).view(np.uint32)
+    words = np.ascontiguousarray(q).view(np.uint64)
+    return take_packed(compact_words(words, bits, copy=True), bits, rows)
+
+
+# Word-wise packing: a uint64 holding 8 codes (one per byte) is squeezed in three halving steps
+# (pairs in 16-bit lanes, quads in 32-bit lanes, then all 8), a few whole-array passes instead
+# of one pass per bit field.
+_LANE_LOW = [np.uint64(m) for m in (0x00FF00FF00FF00FF, 0x0000FFFF0000FFFF, 0x00000000FFFFFFFF)]
+_LANE_HIGH = [~m for m in _LANE_LOW]
+
+
+def compact_words(words: np.ndarray, bits: int, copy: bool = False) -> np.ndarray:
+    """uint64 words of 8 codes < 2**bits (code k in byte k) -> the 8*bits-bit little-endian
+    stream of those codes in each word's low bits; in place unless copy."""
+    x = words.copy() if copy else words
+    t = np.empty_like(x)
+    for step, (low, high) in enumerate(zip(_LANE_LOW, _LANE_HIGH)):
+        half = 8 << step  # the upper half-lane moves down over the lower one's unused bits
+        np.bitwise_and(x, high, out=t)
+        t >>= np.uint64(half - bits * half // 8)
+        x &= low
+        x |= t
+    return x
+
+
+def take_packed(words: np.ndarray, bits: int, rows: int) -> np.ndarray:
+    """compact_words' output -> (rows, -1) uint32: the low `bits` bytes of every word."""
+    low_bytes = np.dtype({"names": ["b"], "formats": [f"V{bits}"], "offsets": [0], "itemsize": 8})
+    return np.ascontiguousarray(words.reshape(-1).view(low_bytes)["b"]).view(np.uint8).reshape(
+        rows, -1).view(np.uint32)
 
 
 def _fp16(x: np.ndarray) -> np.ndarray:
@@ -54,16 +77,35 @@ def _fp16(x: np.ndarray) -> np.ndarray:
 
 
 def _q4k_q5k(blocks: np.ndarray, qtype: QT) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(n, block_bytes) -> codes (n, 8, 32), scales (n, 8) and biases (n, 8), both fp16."""
+    """(n, block_bytes) -> codes (n, 8, 32) (Q4_K: already packed, (n, 32) uint32), scales (n, 8)
+    and biases (n, 8), both fp16."""
     d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
     dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
     sc, m = Q4_K.get_scale_min(blocks[:, 4:16])  # the 6-bit scale/min unpacking, shared by Q5_K
+    scales, biases = _fp16(d * sc), _fp16(-(dmin * m))
+    if qtype == QT.Q4_K:  # already 4-bit: reorder the nibbles straight into MLX's packing
+        return _q4k_packed(blocks[:, -128:]), scales, biases
     qs = blocks[:, -128:].reshape(-1, 4, 1, 32)  # chunk j: low nibbles = sub-block 2j, high = 2j+1
     q = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(-1, 8, 32)
-    if qtype == QT.Q5_K:  # bit j of qh[l] is the 5th bit of element l of sub-block j
-        qh = blocks[:, 16:48]
-        q |= ((qh[:, None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1) << 4
-    return q, _fp16(d * sc), _fp16(-(dmin * m))
+    # bit j of qh[l] is the 5th bit of element l of sub-block j
+    qh = blocks[:, 16:48]
+    q |= ((qh[:, None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1) << 4
+    return q, scales, biases
+
+
+def _q4k_packed(qs: np.ndarray) -> np.ndarray:
+    """Q4_K's 128 code bytes per block -> MLX's 4-bit packing (n, 32) uint32. Chunk j of 32
+    bytes holds sub-block 2j in its low nibbles and 2j+1 in its high ones; MLX wants elements
+    2b and 2b+1 of a sub-block in the low and high nibble of its byte b."""
+    pairs = qs.reshape(-1, 4, 16, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    out = np.empty((qs.shape[0], 4, 2, 16), np.uint8)
+    low, high = out[:, :, 0], out[:, :, 1]
+    np.left_shift(odd, 4, out=low)  # uint8: the high nibble shifts out
+    low |= even & 0x0F
+    np.right_shift(even, 4, out=high)
+    high |= odd & 0xF0
+    return out.reshape(qs.shape[0], -1).view(np.uint32)
 
 
 def _q6k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -76,9 +118,13 @@ def _q6k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     n = blocks.shape[0]
     ql = blocks[:, :128].reshape(n, 2, 1, 64)
     qh = blocks[:, 128:192].reshape(n, 2, 1, 32)
-    low = np.concatenate([ql & 0x0F, ql >> 4], axis=2).reshape(n, 2, 128)
+    q = np.empty((n, 2, 2, 64), np.uint8)  # the 6-bit codes, built in place
+    np.bitwise_and(ql, 0x0F, out=q[:, :, :1])
+    np.right_shift(ql, 4, out=q[:, :, 1:])
     high = (qh >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3
-    q = (low | (high.reshape(n, 2, 128) << 4)).astype(np.int16) - 32
+    high <<= 4
+    q = q.reshape(n, 2, 128)
+    q |= high.reshape(n, 2, 128)
     sc = blocks[:, 192:208].copy().view(np.int8).astype(np.int16).reshape(n, 8, 2)
     d = blocks[:, 208:210].copy().view(np.float16).astype(np.float32)
     pick = np.abs(sc[..., 1]) > np.abs(sc[..., 0])
@@ -87,8 +133,14 @@ def _q6k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     per_step = np.where(clash, np.float32(255 / 64), np.float32(4))  # lattice steps per d*sc_big
     offset = np.where(clash, np.float32(127.5), np.float32(128))
     ratio = (per_step[..., None] * sc / np.where(big == 0, 1, big)[..., None]).astype(np.float32)
-    codes = np.rint(ratio[..., None] * q.reshape(n, 8, 2, 16) + offset[..., None, None])
-    codes = np.clip(codes, 0, 255).astype(np.uint8).reshape(n, 8, 32)
+    # rint(ratio * (q - 32) + offset) in one float32 buffer (the same float32 operations)
+    x = q.reshape(n, 8, 2, 16).astype(np.float32)
+    x -= 32
+    x *= ratio[..., None]
+    x += offset[..., None, None]
+    np.rint(x, out=x)
+    np.clip(x, 0, 255, out=x)
+    codes = x.astype(np.uint8).reshape(n, 8, 32)
     scales = _fp16(d * big / per_step)
     return codes, scales, _fp16(-offset * scales.astype(np.float32))
 
@@ -108,8 +160,9 @@ def _requantized(qtype: QT) -> Callable[[np.ndarray], tuple]:
     return lambda blocks: _minmax(gguf_dequantize(blocks, qtype), K_BITS[qtype])
 
 
-def repack_k(raw: np.ndarray, qtype: QT) -> Triplet | None:
-    """(rows, row_bytes) GGML K-quant rows -> MLX (packed uint32, fp16 scales, fp16 biases).
+def repack_k(raw: np.ndarray, qtype: QT, alloc: Alloc = np.empty) -> Triplet | None:
+    """(rows, row_bytes) GGML K-quant rows -> MLX (packed uint32, fp16 scales, fp16 biases),
+    written into arrays from alloc (see in_row_chunks).
 
     None when a scale or bias overflows fp16 (the caller dequantizes instead)."""
     block_bytes, bits = GGML_QUANT_SIZES[qtype][1], K_BITS[qtype]
@@ -119,27 +172,51 @@ def repack_k(raw: np.ndarray, qtype: QT) -> Triplet | None:
     def rows_to_mlx(rows: np.ndarray) -> Triplet:
         n = rows.shape[0]
         codes, scales, biases = convert(rows.reshape(-1, block_bytes))
-        return pack(codes.reshape(n, -1), bits), scales.reshape(n, -1), biases.reshape(n, -1)
+        packed = codes if codes.dtype == np.uint32 else pack(codes.reshape(n, -1), bits)
+        return packed.reshape(n, -1), scales.reshape(n, -1), biases.reshape(n, -1)
 
-    packed, scales, biases = in_row_chunks(raw, qtype, rows_to_mlx)
+    packed, scales, biases = in_row_chunks(raw, qtype, rows_to_mlx, alloc)
     if not (np.isfinite(scales).all() and np.isfinite(biases).all()):
         return None
     return packed, scales, biases
 
 
-def in_row_chunks(raw: np.ndarray, qtype: QT, fn: Callable[[np.ndarray], Triplet]) -> Triplet:
-    """fn over chunks of raw's rows, into preallocated outputs: a large tensor (an embedding)
-    never has all of its temporaries alive at once."""
+
+def in_row_chunks(raw: np.ndarray, qtype: QT, fn: Callable[[np.ndarray], Triplet],
+                  alloc: Alloc = np.empty) -> Triplet:
+    """fn over chunks of raw's rows, copied into outputs from alloc(shape, dtype): a large tensor
+    (an embedding) never has all of its temporaries alive at once, and an allocator handing out
+    views of MLX arrays receives the result without a whole-tensor numpy copy in between. alloc
+    may return another float dtype for float16 parts (the scales), which are cast on copy.
+    Chunks after the first run on a thread pool: numpy releases the GIL inside each pass."""
     block, block_bytes = GGML_QUANT_SIZES[qtype]
     rows = raw.shape[0]
     step = max(1, _CHUNK_ELEMENTS // (raw.shape[1] // block_bytes * block))
-    if step >= rows:
-        return fn(raw)
-    out = None
-    for start in range(0, rows, step):
-        parts = fn(raw[start : start + step])
-        if out is None:
-            out = tuple(np.empty((rows, *p.shape[1:]), p.dtype) for p in parts)
+    first = fn(raw[:step])
+    if step >= rows and alloc is np.empty:
+        return first
+    out = tuple(alloc((rows, *p.shape[1:]), p.dtype) for p in first)
+
+    def store(start: int, parts: Triplet) -> None:
         for o, p in zip(out, parts):
             o[start : start + p.shape[0]] = p
+
+    store(0, first)
+    starts = range(step, rows, step)
+    if len(starts) > 1 and _workers() > 1:
+        work = lambda start: store(start, fn(raw[start : start + step]))  # noqa: E731
+        list(_pool(os.getpid()).map(work, starts))
+    else:
+        for start in starts:
+            store(start, fn(raw[start : start + step]))
     return out
+
+
+def _workers() -> int:
+    return min(_MAX_WORKERS, os.cpu_count() or 1)
+
+
+@cache
+def _pool(pid: int) -> ThreadPoolExecutor:
+    # one per process: a forked child does not inherit the parent's worker threads
+    return ThreadPoolExecutor(_workers(), thread_name_prefix="mlxgen-repack")

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any, Mapping
 
+import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from ..errors import ModelLoadError, UnsupportedModelError
@@ -84,15 +86,16 @@ def tokenizer_from_gguf(fields: Mapping[str, Any]) -> TokenizerParts:
             f"GGUF tokenizer model {kind!r} is not supported; supported: 'gpt2' (byte-level "
             "BPE) and 'llama' (SentencePiece). Use a model with one of these tokenizers."
         )
-    _register_added_tokens(tokenizer, tokens, types)
+    # the few non-plain tokens (control, user-defined, unknown), in id order, found vectorized
+    marked = np.flatnonzero(np.isin(np.asarray(types), (CONTROL, USER_DEFINED, UNKNOWN))).tolist()
+    _register_added_tokens(tokenizer, [(tokens[i], types[i]) for i in marked])
 
     bos = meta.get("tokenizer.ggml.bos_token_id")
     candidates = [meta.get(f"tokenizer.ggml.{k}") for k in ("eos_token_id", "eot_token_id",
                                                             "eom_token_id")]
     # Like llama.cpp, also stop on well-known end-of-turn control tokens the metadata omits
     # (Qwen's eos is <|im_end|>, but a reply may also end with <|endoftext|>).
-    candidates += [i for i, (t, ty) in enumerate(zip(tokens, types))
-                   if ty == CONTROL and t in _END_OF_GENERATION]
+    candidates += [i for i in marked if types[i] == CONTROL and tokens[i] in _END_OF_GENERATION]
     eos_ids: list[int] = []
     for tid in candidates:
         if tid is not None and 0 <= int(tid) < len(tokens) and int(tid) not in eos_ids:
@@ -109,10 +112,15 @@ def tokenizer_from_gguf(fields: Mapping[str, Any]) -> TokenizerParts:
 
 
 def _vocab(tokens: list[str]) -> dict[str, int]:
-    vocab: dict[str, int] = {}
-    for i, tok in enumerate(tokens):
-        vocab.setdefault(tok, i)  # a duplicated string keeps its first id
-    return vocab
+    # built from the end, so a duplicated string keeps its first id
+    return dict(zip(reversed(tokens), range(len(tokens) - 1, -1, -1)))
+
+
+def _merges(merges_raw: list[str], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    # the first space splits almost every merge; _split_merge handles the rest (and refuses)
+    return [(left, right) if sep and left in vocab and right in vocab else _split_merge(m, vocab)
+            for (left, sep, right), m in zip(map(str.partition, merges_raw, repeat(" ")),
+                                             merges_raw)]
 
 
 def _split_merge(merge: str, vocab: dict[str, int]) -> tuple[str, str]:
@@ -142,7 +150,7 @@ def _byte_level_bpe(meta: dict, tokens: list[str], types: list[int]) -> Tokenize
     tokenizer = Tokenizer(
         models.BPE(
             vocab=vocab,
-            merges=[_split_merge(m, vocab) for m in merges_raw],
+            merges=_merges(merges_raw, vocab),
             ignore_merges=pre in _IGNORE_MERGES_PRE,
         )
     )
@@ -198,13 +206,13 @@ def _sentencepiece_bpe(meta: dict, tokens: list[str], types: list[int]) -> Token
     return tokenizer
 
 
-def _register_added_tokens(tokenizer: Tokenizer, tokens: list[str], types: list[int]) -> None:
+def _register_added_tokens(tokenizer: Tokenizer, marked: list[tuple[str, int]]) -> None:
     # Control tokens (<|im_start|>, <s>) are special; user-defined ones (<tool_call>) are matched
     # whole like special tokens but still show up in decoded text.
     special = [AddedToken(t, special=True, normalized=False)
-               for t, ty in zip(tokens, types) if ty in (CONTROL, UNKNOWN)]
+               for t, ty in marked if ty in (CONTROL, UNKNOWN)]
     user = [AddedToken(t, special=False, normalized=False)
-            for t, ty in zip(tokens, types) if ty == USER_DEFINED]
+            for t, ty in marked if ty == USER_DEFINED]
     if special:
         tokenizer.add_special_tokens(special)
     if user:
