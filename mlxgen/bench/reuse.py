@@ -48,50 +48,64 @@ def settings_for(fractions: Sequence[float], strategies: Sequence[str]) -> list[
 
 
 def run_rag(model, tokenizer, fractions: Sequence[float], strategies: Sequence[str], reps: int,
-            n_questions: int, doc_tokens: int, n_docs: int, log) -> dict:
+            n_questions: int, doc_tokens: int, n_docs: int, log, progress=None) -> dict:
     """TTFT here is prompt -> first-token logits evaluated (tokenizing, composing / prefilling,
     LM head), the same span stream_generate's TTFT covers minus sampling one token.
-    n_questions per document set (two sets: reuse_docs.doc_sets)."""
+    n_questions per document set (two sets: reuse_docs.doc_sets), alternating between the sets;
+    progress(result so far) is called after each question."""
     stop = tokenizer.eos_token_ids
     mx.eval(prefill(model, list(range(64)), make_cache(len(model.layers))))  # warm-up
     grid = settings_for(fractions, strategies)
     rows: dict[str, list[dict]] = {_key(s, f): [] for s, f in grid}
     questions, encode_s = [], 0.0
-    for docset in doc_sets(n_docs):
+    sets = doc_sets(n_docs)
+    prompts = []  # (set name, question, stored documents)
+    for docset in sets:
         store = ChunkStore(model, tokenizer)
         docs = [fit(tokenizer, d, doc_tokens) for d in docset.docs]
         start = time.perf_counter()
         rag_segments(tokenizer, store, docset.questions[0], docs, doc_tokens)
         encode_s += time.perf_counter() - start
-        for qi, question in enumerate(docset.questions[:n_questions]):
-            segments = rag_segments(tokenizer, store, question, docs, doc_tokens)
-            ids = plan(model, tokenizer, segments, parse_special=True).ids  # template head/tail
-            n_chunk = sum(len(s) for s in segments if not isinstance(s, str))
-            cont, ref, first = reference(model, ids, stop=stop)
-            colds = [first] + [reference(model, ids, 1)[2] for _ in range(reps - 1)]
-            cold = statistics.median(colds)
-            questions.append({"set": docset.name, "question": question, "prompt_tokens": len(ids),
-                              "cold_ttft_s": cold, "reference": tokenizer.decode(cont)})
-            log(f"  {docset.name} Q{qi + 1}: {len(ids)} tokens, cold TTFT {cold:.3f} s, "
-                f"reference {tokenizer.decode(cont)!r}")
-            for strategy, f in grid:
-                kw = dict(recompute=f, recompute_strategy=None if strategy in ("none", "auto")
-                          else strategy)
-                runs = [composed_quality(model, tokenizer, segments, cont, ref, **kw)
-                        for _ in range(reps)]
-                quality, _, cached = runs[0]
-                reused = statistics.median(r[1] for r in runs)
-                rows[_key(strategy, f)].append(dict(
-                    vars(quality), ttft_s=reused, cached_tokens=cached, speedup=cold / reused,
-                    recomputed=1 - cached / n_chunk))
-                log(f"    {_key(strategy, f)}: TTFT {reused:.3f} s ({cold / reused:.1f}x), "
-                    f"agreement {quality.agreement:.2f} of {quality.n}, prefix {quality.prefix}, "
-                    f"KL {quality.kl:.3f}")
-    table = [dict(summarize(rows[_key(s, f)]), strategy=s, recompute=f) for s, f in grid]
-    return {"strategies": list(strategies), "doc_tokens": doc_tokens, "n_docs": n_docs,
-            "encode_s": encode_s, "sets": [d.name for d in doc_sets(n_docs)],
-            "cold_ttft_s": statistics.median(q["cold_ttft_s"] for q in questions),
-            "questions": questions, "table": table, "per_question": rows}
+        prompts.append([(docset.name, q, store, docs) for q in docset.questions[:n_questions]])
+    log(f"  stored {sum(len(d.docs) for d in sets)} documents in {encode_s:.2f} s (one-time)")
+
+    def result() -> dict:
+        done = [(s, f) for s, f in grid if rows[_key(s, f)]]
+        return {"strategies": list(strategies), "doc_tokens": doc_tokens, "n_docs": n_docs,
+                "encode_s": encode_s, "sets": [d.name for d in sets],
+                "cold_ttft_s": statistics.median(q["cold_ttft_s"] for q in questions),
+                "questions": questions, "per_question": rows,
+                "table": [dict(summarize(rows[_key(s, f)]), strategy=s, recompute=f)
+                          for s, f in done]}
+
+    for qi, (name, question, store, docs) in enumerate(
+            p for pair in zip(*prompts) for p in pair):  # alternate: a cut run covers both sets
+        segments = rag_segments(tokenizer, store, question, docs, doc_tokens)
+        ids = plan(model, tokenizer, segments, parse_special=True).ids  # template head/tail
+        n_chunk = sum(len(s) for s in segments if not isinstance(s, str))
+        cont, ref, first = reference(model, ids, stop=stop)
+        colds = [first] + [reference(model, ids, 1)[2] for _ in range(reps - 1)]
+        cold = statistics.median(colds)
+        questions.append({"set": name, "question": question, "prompt_tokens": len(ids),
+                          "cold_ttft_s": cold, "reference": tokenizer.decode(cont)})
+        log(f"  {name} Q{qi + 1}: {len(ids)} tokens, cold TTFT {cold:.3f} s, "
+            f"reference {tokenizer.decode(cont)!r}")
+        for strategy, f in grid:
+            kw = dict(recompute=f, recompute_strategy=None if strategy in ("none", "auto")
+                      else strategy)
+            runs = [composed_quality(model, tokenizer, segments, cont, ref, **kw)
+                    for _ in range(reps)]
+            quality, _, cached = runs[0]
+            reused = statistics.median(r[1] for r in runs)
+            rows[_key(strategy, f)].append(dict(
+                vars(quality), ttft_s=reused, cached_tokens=cached, speedup=cold / reused,
+                recomputed=1 - cached / n_chunk))
+            log(f"    {_key(strategy, f)}: TTFT {reused:.3f} s ({cold / reused:.1f}x), "
+                f"agreement {quality.agreement:.2f} of {quality.n}, prefix {quality.prefix}, "
+                f"KL {quality.kl:.3f}")
+        if progress:
+            progress(result())
+    return result()
 
 
 def _key(strategy: str, f) -> str:
@@ -146,6 +160,8 @@ def run_cli(argv: Sequence[str]) -> int:
         name = "reuse-" + Path(source).name.replace(":", "_")
         if "rag" in parts and n_docs != [4]:
             name += "-" + "-".join(f"{n}docs" for n in n_docs)
+        if "rag" not in parts:
+            name += "-chat"
 
         def save() -> None:  # after each part: a long run keeps what it has measured
             result["load_avg_end"] = os.getloadavg()
@@ -155,9 +171,14 @@ def run_cli(argv: Sequence[str]) -> int:
         if "rag" in parts:
             result["rag"] = []
             for n in n_docs:
-                result["rag"].append(run_rag(model, tokenizer, fractions, strategies, args.reps,
-                                             args.questions, args.doc_tokens, n, log))
-                save()
+                result["rag"].append(None)
+
+                def progress(rag: dict) -> None:
+                    result["rag"][-1] = rag
+                    save()
+
+                run_rag(model, tokenizer, fractions, strategies, args.reps, args.questions,
+                        args.doc_tokens, n, log, progress)
         if "chat" in parts:
             result["chat"] = run_chat(model, tokenizer, log)
             save()
