@@ -55,7 +55,8 @@ def chat_table(rows: list[dict], title: str) -> str:
 def write_report(result: dict) -> str:
     parts = [f"## `mlxgen bench reuse` — {result['model']}", "", _load(result), ""]
     for rag in result.get("rag", []):
-        parts += [rag_table(rag), ""]
+        if rag is not None:  # None: a run still measuring its first question
+            parts += [rag_table(rag), ""]
     if "chat" in result:
         chat = result["chat"]
         parts += [chat_table(chat["typical"], "Chat, typical assistant (system prompt + 5 turns):"),
