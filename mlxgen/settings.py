@@ -20,7 +20,7 @@ ENV_VARS = {
     "MLXGEN_LOG_LEVEL": "logging level for the mlxgen logger (default WARNING; the CLI uses INFO)",
     "MLXGEN_CACHE_MODE": "KV cache mode: auto (default: pre-rope where the Metal decode kernel measured faster, else standard), standard (post-RoPE keys, mlx-lm's) or pre-rope",
     "MLXGEN_CACHE_REUSE": "reuse cached K/V (stored chunks, session prefixes): on (default) or off",
-    "MLXGEN_RECOMPUTE": "fraction of reused chunk tokens recomputed with full attention, in [0, 1] (default 0.15)",
+    "MLXGEN_RECOMPUTE": "fraction of reused chunk tokens recomputed with full attention, in [0, 1], or auto (default auto)",
     "MLXGEN_CHUNK_STORE_BYTES": "in-memory chunk store limit: bytes, or with KB/MB/GB/KiB/MiB/GiB (default 1GiB)",
     "MLXGEN_SERVER": "URL of a running `mlxgen serve` that `mlxgen generate` sends its requests to (default: none, load in-process)",
 }
@@ -106,7 +106,7 @@ def kernels_mode() -> str:
 
 
 CACHE_MODES = ("standard", "pre-rope")
-DEFAULT_RECOMPUTE = 0.15
+DEFAULT_RECOMPUTE = "auto"
 DEFAULT_CHUNK_STORE_BYTES = 1 << 30
 _BYTE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
                "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
@@ -126,18 +126,21 @@ def cache_reuse(override: bool | None = None) -> bool:
     return choice("MLXGEN_CACHE_REUSE", None, ("on", "off"), "on") == "on"
 
 
-def recompute_fraction(override: float | None = None) -> float:
-    """Share of reused chunk tokens recomputed with full attention (mlxgen/reuse/recompute.py)."""
+def recompute_fraction(override: float | str | None = None) -> float | str:
+    """Share of reused chunk tokens recomputed with full attention, or "auto" (the tokens are
+    chosen by mlxgen/reuse/recompute.py)."""
     source = "recompute" if override is not None else "MLXGEN_RECOMPUTE (environment)"
     value = override if override is not None else _get("MLXGEN_RECOMPUTE")
     if value is None:
         return DEFAULT_RECOMPUTE
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
     try:
         frac = float(value) if not isinstance(value, bool) else -1.0
     except (TypeError, ValueError):
         frac = -1.0
     if not 0.0 <= frac <= 1.0:  # also rejects NaN
-        raise ConfigError(f"{source} must be a fraction in [0, 1]; got {value!r}.")
+        raise ConfigError(f"{source} must be a fraction in [0, 1] or \"auto\"; got {value!r}.")
     return frac
 
 

@@ -29,10 +29,18 @@ ARCHS = {
                       num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=[1]),
 }
 
+# More architectures for the tests that cover every one (test_reuse_quality), kept out of ARCHS,
+# which test_cache_modes runs everything on.
+MORE_ARCHS = {
+    "gemma2": dict(BASE, model_type="gemma2", head_dim=32, query_pre_attn_scalar=24,
+                   sliding_window=16),
+    "phi3": dict(BASE, model_type="phi3"),
+}
+
 
 def tiny_model(arch: str = "llama", seed: int = 0, scale: float = 0.2, **overrides):
     """A model of `arch` with non-trivial random weights (norms 1 + noise, the rest noise)."""
-    model = model_from_config(dict(ARCHS[arch], **overrides))
+    model = model_from_config(dict({**ARCHS, **MORE_ARCHS}[arch], **overrides))
     params = tree_flatten(model.parameters())
     keys = mx.random.split(mx.random.key(seed), len(params))
     new = []

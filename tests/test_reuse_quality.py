@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from reuse_helpers import max_diff, tiny_model, token_ids
 
-from mlxgen.bench.reuse_quality import compare, forced_logprobs, greedy_continuation
+from mlxgen.bench.reuse_quality import (
+    Quality, compare, forced_logprobs, greedy_continuation, p10, summarize,
+)
 from mlxgen.cache import make_cache
 from mlxgen.prefill import prefill
 from mlxgen.reuse import ChunkStore
@@ -76,6 +78,75 @@ def test_check_pass_layers_are_exact(rag):
     _, cache, _ = run(model, ids, segments, recompute=0.1, recompute_strategy="first")
     assert max_diff(cache[0].keys[..., :90, :], ref[0].keys[..., :90, :]) < 1e-4
     assert max_diff(cache[1].keys[..., :90, :], ref[1].keys[..., :90, :]) > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2", "phi3", "qwen3_moe"])
+def test_full_recompute_equals_full_prefill_every_arch(arch):
+    """recompute=1.0 is a full prefill, on every architecture (gemma2 with windowed layers
+    shorter than the prompt); recompute=0 is not (the test can fail)."""
+    model = tiny_model(arch)
+    ids = token_ids(44, seed=3)
+    store = ChunkStore(model, None)
+    segments = [Segment(ids[:4]), Segment(ids[4:20], store.add(ids[4:20])), Segment(ids[20:22]),
+                Segment(ids[22:38], store.add(ids[22:38])), Segment(ids[38:])]
+    want = model(mx.array(ids)[None])[:, -1]
+    _, _, logits = run(model, ids, segments, recompute=1.0, prefill_chunk_size=9)
+    assert max_diff(logits, want) < 1e-4
+    _, _, logits = run(model, ids, segments, recompute=0.0)
+    assert max_diff(logits, want) > 1e-3
+
+
+def test_auto_is_deterministic_and_recomputes_chunk_starts(rag):
+    """auto recomputes each placed chunk's first SINK_TOKENS tokens (no selection pass), the
+    same ones on every run: identical logits and cache."""
+    model, ids, segments = rag
+    first, cache, logits = run(model, ids, segments, recompute="auto")
+    assert first.cached_tokens == 67 - 2 * SINK_TOKENS
+    again, cache2, logits2 = run(model, ids, segments, recompute="auto")
+    assert again.cached_tokens == first.cached_tokens
+    assert mx.array_equal(logits, logits2).item()
+    assert all(mx.array_equal(a.keys, b.keys).item() for a, b in zip(cache, cache2))
+    # The same tokens as strategy "first" at a fraction giving that many per chunk (30 and 37
+    # tokens): the same result, bit for bit.
+    assert _first_tokens([(10, 30), (43, 37)], SINK_TOKENS / 37) == (
+        list(range(10, 10 + SINK_TOKENS)) + list(range(43, 43 + SINK_TOKENS)))
+    _, _, same = run(model, ids, segments, recompute=SINK_TOKENS / 37, recompute_strategy="first")
+    assert mx.array_equal(logits, same).item()
+
+
+def test_auto_setting(monkeypatch):
+    from mlxgen import settings
+    from mlxgen.errors import ConfigError
+
+    assert settings.recompute_fraction() == "auto"  # the default
+    assert settings.recompute_fraction("AUTO") == "auto"
+    monkeypatch.setenv("MLXGEN_RECOMPUTE", "0.2")
+    assert settings.recompute_fraction() == 0.2
+    monkeypatch.setenv("MLXGEN_RECOMPUTE", "automatic")
+    with pytest.raises(ConfigError, match="auto"):
+        settings.recompute_fraction()
+
+
+def test_metrics_on_constructed_cases():
+    """Identical distributions: 100% agreement, 0 KL; a known perturbation: the analytic KL."""
+    p = mx.log(mx.array([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [0.7, 0.2, 0.1]]))
+    cont = [0, 1, 0]
+    same = compare(p, p, cont)
+    assert (same.agreement, same.prefix, same.first, same.n) == (1.0, 3, True, 3)
+    assert abs(same.kl) < 1e-7
+    # Position 1 moves to (0.5, 0.2, 0.3): greedy now picks token 0 there, not 1.
+    q = mx.concatenate([p[:1], mx.log(mx.array([[0.5, 0.2, 0.3]])), p[2:]])
+    got = compare(p, q, cont)
+    want_kl = (0.1 * math.log(0.1 / 0.5) + 0.6 * math.log(0.6 / 0.2)) / 3
+    assert (got.agreement, got.prefix, got.first) == (2 / 3, 1, True)
+    assert abs(got.kl - want_kl) < 1e-5 and abs(got.kl_first) < 1e-7
+    assert p10([0.9, 0.5, 1.0, 0.8] * 5) == 0.5 and p10(list(range(20))) == 1
+    rows = [dict(vars(same), ttft_s=1.0, speedup=10.0, cached_tokens=5, recomputed=0.0),
+            dict(vars(got), ttft_s=2.0, speedup=5.0, cached_tokens=5, recomputed=0.0)]
+    table = summarize(rows)
+    assert table["agreement"] == (1 + 2 / 3) / 2 and table["agreement_min"] == 2 / 3
+    assert table["first_agreement"] == 1.0 and table["speedup"] == 7.5
+    assert abs(table["kl"] - want_kl / 2) < 1e-5
 
 
 def test_token_choice():

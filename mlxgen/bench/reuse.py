@@ -1,8 +1,10 @@
 """`mlxgen bench reuse`: K/V reuse against cold prefill.
 
-- rag: 4 documents of 512 tokens stored once as chunks, reused across 5 different ~30-token
-  questions; TTFT cold (full prefill of the same tokens) vs reused, and quality (greedy agreement
-  over 32 tokens, KL) for each recompute fraction;
+- rag: 4 (~2.1k tokens) or 16 (~8.2k) documents of 512 tokens stored once as chunks, reused
+  across ~30-token questions over two unrelated document sets (reuse_docs), chat-templated; TTFT
+  cold (full prefill of the same tokens) vs reused, and quality against the full prefill
+  (reuse_quality: teacher-forced greedy agreement with its spread, identical prefix, first-token
+  agreement, KL) for recompute 0 .. 0.3 of each strategy and for recompute="auto";
 - chat: a 5-turn assistant conversation (~100-token system prompt, ~20-token user turns, replies
   of up to 50 tokens), then 5 turns on top of a ~2,000-token history; prefilled tokens and TTFT
   per turn, cold (fresh prefill of the whole conversation) vs Session.
@@ -28,64 +30,86 @@ from ..prefill import prefill
 from ..reuse import ChunkStore
 from ..reuse.compose import plan
 from .reuse_chat import run_chat
-from .reuse_data import QUESTIONS
-from .reuse_quality import composed_quality, docs_for, rag_segments, reference
+from ..reuse.recompute import STRATEGIES, check_strategy
+from .reuse_data import fit
+from .reuse_docs import doc_sets
+from .reuse_quality import composed_quality, rag_segments, reference, summarize
 from .reuse_report import write_report
 
-FRACTIONS = (0.0, 0.05, 0.15, 0.3, 1.0)
+FRACTIONS = (0.0, 0.05, 0.15, 0.3)
 
 
-def run_rag(model, tokenizer, fractions: Sequence[float], strategy: str, reps: int,
-            n_questions: int, doc_tokens: int, log) -> dict:
+def settings_for(fractions: Sequence[float], strategies: Sequence[str]) -> list[tuple[str, object]]:
+    """(strategy, recompute) rows of the frontier: recompute 0 once (it is the same for every
+    strategy), each strategy at each other fraction, and "auto"."""
+    rows: list[tuple[str, object]] = [("none", 0.0)] if 0.0 in fractions else []
+    rows += [(s, f) for s in strategies for f in fractions if f > 0]
+    return rows + [("auto", "auto")]
+
+
+def run_rag(model, tokenizer, fractions: Sequence[float], strategies: Sequence[str], reps: int,
+            n_questions: int, doc_tokens: int, n_docs: int, log, progress=None) -> dict:
     """TTFT here is prompt -> first-token logits evaluated (tokenizing, composing / prefilling,
-    LM head), the same span stream_generate's TTFT covers minus sampling one token."""
-    store = ChunkStore(model, tokenizer)
-    docs = docs_for(tokenizer, doc_tokens)
+    LM head), the same span stream_generate's TTFT covers minus sampling one token.
+    n_questions per document set (two sets: reuse_docs.doc_sets), alternating between the sets;
+    progress(result so far) is called after each question."""
     stop = tokenizer.eos_token_ids
     mx.eval(prefill(model, list(range(64)), make_cache(len(model.layers))))  # warm-up
-    start = time.perf_counter()
-    rag_segments(tokenizer, store, QUESTIONS[0], docs, doc_tokens)
-    encode_s = time.perf_counter() - start
-    log(f"  stored {len(docs)} chunks in {encode_s:.2f} s (one-time)")
-    rows = {f: [] for f in fractions}
-    questions = []
-    for qi, question in enumerate(QUESTIONS[:n_questions]):
+    grid = settings_for(fractions, strategies)
+    rows: dict[str, list[dict]] = {_key(s, f): [] for s, f in grid}
+    questions, encode_s = [], 0.0
+    sets = doc_sets(n_docs)
+    prompts = []  # (set name, question, stored documents)
+    for docset in sets:
+        store = ChunkStore(model, tokenizer)
+        docs = [fit(tokenizer, d, doc_tokens) for d in docset.docs]
+        start = time.perf_counter()
+        rag_segments(tokenizer, store, docset.questions[0], docs, doc_tokens)
+        encode_s += time.perf_counter() - start
+        prompts.append([(docset.name, q, store, docs) for q in docset.questions[:n_questions]])
+    log(f"  stored {sum(len(d.docs) for d in sets)} documents in {encode_s:.2f} s (one-time)")
+
+    def result() -> dict:
+        done = [(s, f) for s, f in grid if rows[_key(s, f)]]
+        return {"strategies": list(strategies), "doc_tokens": doc_tokens, "n_docs": n_docs,
+                "encode_s": encode_s, "sets": [d.name for d in sets],
+                "cold_ttft_s": statistics.median(q["cold_ttft_s"] for q in questions),
+                "questions": questions, "per_question": rows,
+                "table": [dict(summarize(rows[_key(s, f)]), strategy=s, recompute=f)
+                          for s, f in done]}
+
+    for qi, (name, question, store, docs) in enumerate(
+            p for pair in zip(*prompts) for p in pair):  # alternate: a cut run covers both sets
         segments = rag_segments(tokenizer, store, question, docs, doc_tokens)
         ids = plan(model, tokenizer, segments, parse_special=True).ids  # template head/tail
+        n_chunk = sum(len(s) for s in segments if not isinstance(s, str))
         cont, ref, first = reference(model, ids, stop=stop)
-        cold = statistics.median([first] + [reference(model, ids, 1)[2] for _ in range(reps - 1)])
-        questions.append({"prompt_tokens": len(ids), "cold_ttft_s": cold,
-                          "reference": tokenizer.decode(cont)})
-        log(f"  Q{qi + 1}: {len(ids)} tokens, cold TTFT {cold:.3f} s, reference "
-            f"{tokenizer.decode(cont)!r}")
-        for f in fractions:
-            runs = [composed_quality(model, tokenizer, segments, cont, ref, recompute=f,
-                                     recompute_strategy=strategy) for _ in range(reps)]
+        colds = [first] + [reference(model, ids, 1)[2] for _ in range(reps - 1)]
+        cold = statistics.median(colds)
+        questions.append({"set": name, "question": question, "prompt_tokens": len(ids),
+                          "cold_ttft_s": cold, "reference": tokenizer.decode(cont)})
+        log(f"  {name} Q{qi + 1}: {len(ids)} tokens, cold TTFT {cold:.3f} s, "
+            f"reference {tokenizer.decode(cont)!r}")
+        for strategy, f in grid:
+            kw = dict(recompute=f, recompute_strategy=None if strategy in ("none", "auto")
+                      else strategy)
+            runs = [composed_quality(model, tokenizer, segments, cont, ref, **kw)
+                    for _ in range(reps)]
             quality, _, cached = runs[0]
             reused = statistics.median(r[1] for r in runs)
-            rows[f].append(dict(vars(quality), ttft_s=reused, cached_tokens=cached,
-                                speedup=cold / reused))
-            log(f"    recompute {f:.2f}: TTFT {reused:.3f} s ({cold / reused:.1f}x), agreement "
-                f"{quality.agreement:.2f} of {quality.n}, prefix {quality.prefix}, "
+            rows[_key(strategy, f)].append(dict(
+                vars(quality), ttft_s=reused, cached_tokens=cached, speedup=cold / reused,
+                recomputed=1 - cached / n_chunk))
+            log(f"    {_key(strategy, f)}: TTFT {reused:.3f} s ({cold / reused:.1f}x), "
+                f"agreement {quality.agreement:.2f} of {quality.n}, prefix {quality.prefix}, "
                 f"KL {quality.kl:.3f}")
-    table = []
-    for f in fractions:
-        r = rows[f]
-        table.append({
-            "recompute": f,
-            "agreement": statistics.mean(x["agreement"] for x in r),
-            "agreement_min": min(x["agreement"] for x in r),
-            "prefix": statistics.mean(x["prefix"] for x in r),
-            "n": statistics.mean(x["n"] for x in r),
-            "kl": statistics.mean(x["kl"] for x in r),
-            "kl_first": statistics.mean(x["kl_first"] for x in r),
-            "ttft_s": statistics.median(x["ttft_s"] for x in r),
-            "speedup": statistics.median(x["speedup"] for x in r),
-            "cached_tokens": statistics.mean(x["cached_tokens"] for x in r),
-        })
-    return {"strategy": strategy, "doc_tokens": doc_tokens, "encode_s": encode_s,
-            "cold_ttft_s": statistics.median(q["cold_ttft_s"] for q in questions),
-            "questions": questions, "table": table, "per_question": {str(f): rows[f] for f in rows}}
+        if progress:
+            progress(result())
+    return result()
+
+
+def _key(strategy: str, f) -> str:
+    return strategy if strategy in ("none", "auto") else f"{strategy} {f:.2f}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,8 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", default="rag,chat", help="comma list of rag, chat (default both)")
     p.add_argument("--fractions", default=",".join(map(str, FRACTIONS)),
                    help="recompute fractions for the RAG table")
-    p.add_argument("--strategy", default=None, help="recompute strategy: deviation, first, mixed")
-    p.add_argument("--questions", type=int, default=len(QUESTIONS))
+    p.add_argument("--strategies", default=",".join(STRATEGIES),
+                   help="recompute strategies for the frontier (comma list; auto is always run)")
+    p.add_argument("--questions", type=int, default=10, help="questions per document set (2 sets)")
+    p.add_argument("--docs", default="4", help="documents per prompt, comma list (4: ~2.1k "
+                   "tokens, 16: ~8.2k)")
     p.add_argument("--doc-tokens", type=int, default=512)
     p.add_argument("--reps", type=int, default=1, help="TTFT repetitions (median)")
     p.add_argument("--out", default="bench/results", help="results directory")
@@ -105,7 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_cli(argv: Sequence[str]) -> int:
     from .. import load
-    from ..reuse.recompute import check_strategy
 
     args = build_parser().parse_args(list(argv))
     try:
@@ -115,7 +141,11 @@ def run_cli(argv: Sequence[str]) -> int:
     parts = set(args.parts.split(","))
     if not parts <= {"rag", "chat"}:
         raise MlxgenError(f"--parts takes rag and/or chat; got {args.parts!r}.")
-    strategy = check_strategy(args.strategy)
+    strategies = [check_strategy(s) for s in args.strategies.split(",") if s]
+    try:
+        n_docs = [int(n) for n in args.docs.split(",")]
+    except ValueError:
+        raise MlxgenError(f"--docs must be comma-separated counts; got {args.docs!r}.")
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -125,17 +155,33 @@ def run_cli(argv: Sequence[str]) -> int:
                   "device": str(mx.default_device())}
         model, tokenizer = load(source)
         log(f"{source}: {model.model_type}, {len(model.layers)} layers")
-        if "rag" in parts:
-            result["rag"] = run_rag(model, tokenizer, fractions, strategy, args.reps,
-                                    args.questions, args.doc_tokens, log)
-        if "chat" in parts:
-            result["chat"] = run_chat(model, tokenizer, log)
-        result["load_avg_end"] = os.getloadavg()
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         name = "reuse-" + Path(source).name.replace(":", "_")
-        (out / f"{name}.json").write_text(json.dumps(result, indent=1))
-        (out / f"{name}.md").write_text(write_report(result))
+        if "rag" in parts and n_docs != [4]:
+            name += "-" + "-".join(f"{n}docs" for n in n_docs)
+        if "rag" not in parts:
+            name += "-chat"
+
+        def save() -> None:  # after each part: a long run keeps what it has measured
+            result["load_avg_end"] = os.getloadavg()
+            (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+            (out / f"{name}.md").write_text(write_report(result))
+
+        if "rag" in parts:
+            result["rag"] = []
+            for n in n_docs:
+                result["rag"].append(None)
+
+                def progress(rag: dict) -> None:
+                    result["rag"][-1] = rag
+                    save()
+
+                run_rag(model, tokenizer, fractions, strategies, args.reps, args.questions,
+                        args.doc_tokens, n, log, progress)
+        if "chat" in parts:
+            result["chat"] = run_chat(model, tokenizer, log)
+            save()
         log(f"wrote {out / name}.json and .md")
         print(write_report(result))
     return 0

@@ -7,10 +7,14 @@ are fed the reference tokens, so one early miss does not cascade):
 - prefix: tokens generated identically before the first mismatch (what free-running greedy
   decoding would reproduce exactly);
 - kl: mean KL(reference || reused) of the next-token distributions over those positions,
-  kl_first: the same at the first generated token only."""
+  kl_first: the same at the first generated token only;
+- first: whether the first generated token matches (what a user sees first).
+summarize() reduces per-question results to mean, min and p10 (the spread, not only the mean)."""
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -33,6 +37,7 @@ class Quality:
     kl: float
     kl_first: float
     n: int  # positions compared
+    first: bool = True
 
 
 def rag_segments(tokenizer, store: ChunkStore, question: str, docs: Sequence[str] = DOCS,
@@ -87,7 +92,27 @@ def compare(ref: mx.array, got: mx.array, continuation: Sequence[int]) -> Qualit
     hits = [a == b for a, b in zip(picks, target)]
     prefix = hits.index(False) if False in hits else len(hits)
     kl = (mx.exp(ref) * (ref - got)).sum(axis=-1)
-    return Quality(sum(hits) / len(hits), prefix, kl.mean().item(), kl[0].item(), len(hits))
+    return Quality(sum(hits) / len(hits), prefix, kl.mean().item(), kl[0].item(), len(hits),
+                   hits[0])
+
+
+def p10(values: Sequence[float]) -> float:
+    """The 10th percentile (nearest rank, lower): the value a tenth of the questions fall below."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.1 * len(ordered)) - 1)]
+
+
+def summarize(rows: Sequence[dict]) -> dict:
+    """Per-question rows (Quality fields + ttft_s, speedup, cached_tokens) -> one table row."""
+    agree = [r["agreement"] for r in rows]
+    mean = lambda key: statistics.mean(float(r[key]) for r in rows)  # noqa: E731
+    return {"agreement": statistics.mean(agree), "agreement_min": min(agree),
+            "agreement_p10": p10(agree), "prefix": mean("prefix"), "n": mean("n"),
+            "first_agreement": mean("first"), "kl": mean("kl"), "kl_max": max(r["kl"] for r in rows),
+            "kl_first": mean("kl_first"),
+            "ttft_s": statistics.median(r["ttft_s"] for r in rows),
+            "speedup": statistics.median(r["speedup"] for r in rows),
+            "cached_tokens": mean("cached_tokens"), "recomputed": mean("recomputed")}
 
 
 def reference(model, ids: Sequence[int], n: int = N_TOKENS, stop: Sequence[int] = ()

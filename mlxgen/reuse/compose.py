@@ -1,13 +1,11 @@
 """Segment prompts: [text, chunk, chunk, text] -> a KV cache with stored chunks placed.
 
 Layout of a composed prompt:
-- leading text (before the first chunk) is prefilled normally;
 - each chunk's stored K/V is spliced at its offset: in a standard (post-RoPE) cache one
-  mx.fast.rope(k, offset=p) per layer, in a pre-RoPE cache a plain append;
-- text between chunks and a `recompute` share of chunk tokens are recomputed with full attention
-  (recompute.py);
-- the final text gets full attention over everything before it (prefill); a prompt that ends with
-  a chunk has that chunk's last token prefilled, since logits are needed for it.
+  mx.fast.rope(k, offset=p) per layer, in a pre-RoPE cache a plain append; text gets placeholders;
+- then one pass (recompute.py) computes all the text (before, between and after the chunks) and
+  the recomputed share of chunk tokens together, each attending to everything before it; a prompt
+  that ends with a chunk has that chunk's last token computed there, since logits are needed.
 The splice keeps the cache mode's own fast path: by default (standard) the rotation is paid once
 at splice time, so decoding attends exactly as after a normal prefill."""
 
@@ -64,30 +62,23 @@ class Composition:
         kinds = [s.chunk is not None for s in self.segments]
         if not settings.cache_reuse(cache_reuse) or not any(kinds):
             return cache, prefill(model, self.ids, cache, block)
-        first = kinds.index(True)
-        last = len(kinds) - 1 - kinds[::-1].index(True)
-        prefix = [t for s in self.segments[:first] for t in s.ids]
-        tail = [t for s in self.segments[last + 1 :] for t in s.ids]
-        if prefix:
-            prefill(model, prefix, cache, block)
-        spans, text_positions = [], []
-        for seg in self.segments[first : last + 1]:
+        spans, text = [], []
+        for i, seg in enumerate(self.segments):
             start = cache[0].offset
-            if seg.chunk is None:
-                _place_zeros(model, cache, len(seg.ids))  # placeholders: recomputed below
-                text_positions.extend(range(start, start + len(seg.ids)))
-                continue
-            n = len(seg.ids) - (0 if tail or seg is not self.segments[last] else 1)
-            if n:  # (the prompt's last token is always prefilled: logits are needed there)
-                _splice(model, cache, seg.chunk, n)
-                spans.append((start, n))
-        if not tail:
-            tail = self.segments[last].ids[-1:]
+            n = 0  # tokens spliced from the store
+            if seg.chunk is not None:
+                # The prompt's last token is always computed here: logits are needed there.
+                n = len(seg.ids) - (i == len(self.segments) - 1)
+                if n:
+                    _splice(model, cache, seg.chunk, n)
+                    spans.append((start, n))
+            _place_zeros(model, cache, len(seg.ids) - n)  # placeholders: computed below
+            text.extend(range(start + n, start + len(seg.ids)))
         # A chunk at position 0 saw all its context when it was encoded: it is exact as stored.
-        recomputed = recompute_placed(model, cache, self.ids, [s for s in spans if s[0] > 0],
-                                      text_positions, fraction, strategy, block)
+        recomputed, hidden = recompute_placed(model, cache, self.ids, [s for s in spans if s[0] > 0],
+                                              text, fraction, strategy, block)
         self.cached_tokens = sum(n for _, n in spans) - recomputed
-        return cache, prefill(model, tail, cache, block)
+        return cache, model.logits(hidden)[:, -1, :]
 
 
 def plan(model, tokenizer, segments: list | tuple, parse_special: bool = False) -> Composition:
@@ -134,6 +125,8 @@ def _splice(model, cache: list[KVCache], chunk: Chunk, n: int) -> None:
 
 
 def _place_zeros(model, cache: list[KVCache], n: int) -> None:
+    if not n:
+        return
     args = model.args
     z = mx.zeros((1, args.num_key_value_heads, n, args.head_dim), _dtype(cache, model))
     for c in cache:

@@ -7,9 +7,12 @@ through every layer, attending to everything before them, recovers most of the d
   tokens whose K/V moved most at the last checked layer;
 - "first" (EPIC): the first tokens of each chunk, which act as spurious attention sinks when a
   chunk is encoded alone;
-- "mixed": each chunk's first SINK_TOKENS tokens plus the highest-deviation ones.
-Text between chunks is always recomputed (it was never computed). Recomputed tokens sit at
-scattered positions, so they are run through the layers with an explicit mask via ScatterView."""
+- "mixed": each chunk's first SINK_TOKENS tokens plus the highest-deviation ones;
+- recompute="auto": each chunk's first SINK_TOKENS tokens (no selection pass): the cheapest
+  setting that removes the spurious sinks, where most of the deviation sits (bench/NOTES.md).
+Text (before, between and after the chunks) is always computed here, in the same pass as the
+recomputed chunk tokens: one pass through the layers for the whole prompt. Recomputed tokens sit
+at scattered positions, so they are run through the layers with an explicit mask via ScatterView."""
 
 from __future__ import annotations
 
@@ -70,6 +73,9 @@ def forward_at(
     return mx.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
 
 
+AUTO = "auto"
+
+
 def check_strategy(strategy: str | None) -> str:
     strategy = DEFAULT_STRATEGY if strategy is None else strategy
     if strategy not in STRATEGIES:
@@ -85,30 +91,40 @@ def recompute_placed(
     ids: Sequence[int],
     spans: Sequence[tuple[int, int]],
     text_positions: Sequence[int],
-    fraction: float,
+    fraction: float | str,
     strategy: str,
     block: int,
-) -> int:
-    """Recompute the placed region; spans: (start, length) of each placed chunk. Returns how many
-    chunk tokens were recomputed through every layer."""
+) -> tuple[int, mx.array]:
+    """Compute the text and recompute chunk tokens; spans: (start, length) of each placed chunk.
+    Returns (chunk tokens recomputed through every layer, the last layer's hidden state of the
+    last text position (1, 1, D)): the prompt's last token is always text."""
     n_chunk = sum(n for _, n in spans)
-    budget = min(n_chunk, math.ceil(fraction * n_chunk - 1e-9))
     embed = model.model.embed
     n_layers = len(model.layers)
     ids = mx.array(list(ids))
-    if strategy == "first" or budget in (0, n_chunk):
-        chosen = _first_tokens(spans, fraction) if budget < n_chunk else _all(spans)
-        selected = sorted(set(chosen) | set(text_positions))
-        if selected:
-            h = embed(ids[mx.array(selected)][None])
-            forward_at(model, cache, selected, h, range(n_layers), block)
-        return len(chosen)
+    if fraction == AUTO:
+        chosen = _first_count(spans, SINK_TOKENS)
+    else:
+        budget = min(n_chunk, math.ceil(fraction * n_chunk - 1e-9))
+        if strategy == "first" or budget in (0, n_chunk):
+            chosen = _first_tokens(spans, fraction) if budget < n_chunk else _all(spans)
+        else:
+            return _recompute_deviation(model, cache, ids, spans, text_positions, budget, strategy,
+                                        block)
+    selected = sorted(set(chosen) | set(text_positions))
+    h = embed(ids[mx.array(selected)][None])
+    h = forward_at(model, cache, selected, h, range(n_layers), block)
+    return len(chosen), h[:, -1:]
+
+
+def _recompute_deviation(model, cache, ids, spans, text_positions, budget, strategy, block):
     # Check pass: exact K/V for the first layers, and the deviation of each chunk token.
+    n_layers = len(model.layers)
     c = min(CHECK_LAYERS, n_layers)
     placed = sorted(set(_all(spans)) | set(text_positions))
     pos = mx.array(placed)
     old = stored_at(cache[c - 1], pos)
-    h = forward_at(model, cache, placed, embed(ids[pos][None]), range(c), block)
+    h = forward_at(model, cache, placed, model.model.embed(ids[pos][None]), range(c), block)
     new = stored_at(cache[c - 1], pos)
     dev = sum(((n - o) ** 2).sum(axis=(0, 1, 3)) / (o**2).sum(axis=(0, 1, 3)).mean()
               for o, n in zip(old, new))
@@ -116,8 +132,8 @@ def recompute_placed(
     selected = sorted(set(chosen) | set(text_positions))
     index = {p: i for i, p in enumerate(placed)}
     h = h[:, mx.array([index[p] for p in selected])]
-    forward_at(model, cache, selected, h, range(c, n_layers), block)
-    return len(chosen)
+    h = forward_at(model, cache, selected, h, range(c, n_layers), block)
+    return len(chosen), h[:, -1:]
 
 
 def _all(spans: Sequence[tuple[int, int]]) -> list[int]:
@@ -126,6 +142,10 @@ def _all(spans: Sequence[tuple[int, int]]) -> list[int]:
 
 def _first_tokens(spans: Sequence[tuple[int, int]], fraction: float) -> list[int]:
     return [p for start, n in spans for p in range(start, start + math.ceil(fraction * n - 1e-9))]
+
+
+def _first_count(spans: Sequence[tuple[int, int]], count: int) -> list[int]:
+    return [p for start, n in spans for p in range(start, start + min(n, count))]
 
 
 def _pick(dev: np.ndarray, placed: list[int], spans, budget: int, strategy: str) -> list[int]:
