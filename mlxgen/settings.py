@@ -20,7 +20,7 @@ ENV_VARS = {
     "MLXGEN_LOG_LEVEL": "logging level for the mlxgen logger (default WARNING; the CLI uses INFO)",
     "MLXGEN_CACHE_MODE": "KV cache mode: auto (default: pre-rope where the Metal decode kernel measured faster, else standard), standard (post-RoPE keys, mlx-lm's) or pre-rope",
     "MLXGEN_CACHE_REUSE": "reuse cached K/V (stored chunks, session prefixes): on (default) or off",
-    "MLXGEN_RECOMPUTE": "fraction of reused chunk tokens recomputed with full attention, in [0, 1], or auto (default auto)",
+    "MLXGEN_RECOMPUTE": "fraction of reused chunk tokens recomputed with full attention, in [0, 1], or auto (default 0.15)",
     "MLXGEN_CHUNK_STORE_BYTES": "in-memory chunk store limit: bytes, or with KB/MB/GB/KiB/MiB/GiB (default 1GiB)",
     "MLXGEN_SERVER": "URL of a running `mlxgen serve` that `mlxgen generate` sends its requests to (default: none, load in-process)",
 }
@@ -106,7 +106,9 @@ def kernels_mode() -> str:
 
 
 CACHE_MODES = ("standard", "pre-rope")
-DEFAULT_RECOMPUTE = "auto"
+# "auto" is faster but measured below this share's quality (bench/NOTES.md, "Reuse frontier"):
+# quality first until a setting reaches both.
+DEFAULT_RECOMPUTE = 0.15
 DEFAULT_CHUNK_STORE_BYTES = 1 << 30
 _BYTE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
                "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}

@@ -118,7 +118,7 @@ def test_auto_setting(monkeypatch):
     from mlxgen import settings
     from mlxgen.errors import ConfigError
 
-    assert settings.recompute_fraction() == "auto"  # the default
+    assert settings.recompute_fraction() == 0.15  # the default: quality first
     assert settings.recompute_fraction("AUTO") == "auto"
     monkeypatch.setenv("MLXGEN_RECOMPUTE", "0.2")
     assert settings.recompute_fraction() == 0.2
