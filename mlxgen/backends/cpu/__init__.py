@@ -18,7 +18,7 @@ from ...models.qwen3_moe import Experts
 from ...runtime import CPU_CHUNK, Runtime
 from ..swap import plug, swap
 from . import blas, ext, ops
-from .layers import SWAPS, narrow_scales
+from .layers import SWAPS, narrow_scales, widen_scales
 
 # MLX's CPU allocator keeps only 32 MiB of freed buffers by default: less than one decoder
 # layer's intermediates at a prefill chunk, so buffers went back to malloc and were page-faulted
@@ -53,6 +53,11 @@ def quantized_kernels() -> bool:
     """Whether quantized weights can stay packed on this CPU at full speed: mlxgen's kernels
     (qmatvec for decode, dequantize + BLAS for prefill) are built and the fast path is on."""
     return settings.cpu_fast_ops() and ext.kernels() is not None
+
+
+def uninstall(model) -> None:
+    """Undo what install changed beyond the swaps (backends.prepare resets those)."""
+    widen_scales(model)
 
 
 def install(model) -> Runtime:

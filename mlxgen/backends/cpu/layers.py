@@ -101,8 +101,18 @@ def narrow_scales(model: nn.Module) -> int:
     for layer, s16, b16, exact in candidates:
         if exact.item():
             layer.scales, layer.biases = s16, b16
+            layer.narrowed_scales = True
             narrowed += 1
     return narrowed
+
+
+def widen_scales(model: nn.Module) -> None:
+    """Undo narrow_scales (exactly: float16 -> float32 is lossless), for another backend, whose
+    ops would compute in the scales' float16."""
+    for _, layer in model.named_modules():
+        if getattr(layer, "narrowed_scales", False):
+            layer.scales, layer.biases = layer.scales.astype(mx.float32), layer.biases.astype(mx.float32)
+            layer.narrowed_scales = False
 
 
 class CpuRMSNorm(nn.RMSNorm):
