@@ -27,7 +27,8 @@ Mask = Literal["causal"] | mx.array | None
 class KVCache:
     """Post-RoPE cache (mlx-lm's behaviour): keys are stored already rotated.
 
-    Storage grows in steps of `step` tokens so appending a chunk is a slice update, not a concat."""
+    Storage grows in steps of `step` tokens so appending a chunk is a slice update, not a concat;
+    prefill reserves a prompt's whole length first (`reserve`), so a prompt is one allocation."""
 
     step = 256
     pre_rope = False

@@ -134,10 +134,14 @@ def test_float16_scales_only_where_exact_and_outputs_unchanged(ext):
     want = prefill(model, ids, model.make_cache())
     want_rows = model.model.embed_tokens(mx.array(ids))
     assert backends.prepare(model, "cpu").backend == "cpu"
-    quantized = [m for _, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+    quantized = [m for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]
     assert quantized and all(m.scales.dtype == m.biases.dtype == mx.float16 for m in quantized)
-    assert mx.array_equal(model.model.embed_tokens(mx.array(ids)), want_rows).item()  # float32 rows
+    assert model.model.embed_tokens.scales.dtype == mx.float32  # lookups stay float32 (and reuse's dtype)
+    assert mx.array_equal(model.model.embed_tokens(mx.array(ids)), want_rows).item()
     assert mx.abs(prefill(model, ids, model.make_cache()) - want).max().item() < 1e-4
+    backends.prepare(model, "mlx")  # MLX's ops would compute in float16: widened back, exactly
+    assert all(m.scales.dtype == mx.float32 for m in quantized)
+    assert mx.array_equal(prefill(model, ids, model.make_cache()), want).item()
     inexact = _quantized_tiny(f16_exact=False)
     assert cpu_layers.narrow_scales(inexact) == 0
     assert all(m.scales.dtype == mx.float32 for _, m in inexact.named_modules() if isinstance(m, nn.QuantizedLinear))

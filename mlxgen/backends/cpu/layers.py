@@ -72,26 +72,20 @@ class CpuQuantizedLinear(nn.QuantizedLinear):
 class CpuQuantizedEmbedding(nn.QuantizedEmbedding):
     """A tied quantized LM head (a few rows: the prompt's last, a decode step) on qmatvec."""
 
-    def __call__(self, x: mx.array) -> mx.array:
-        if self.scales.dtype == mx.float32:
-            return super().__call__(x)
-        # Narrowed scales (narrow_scales) still give the float32 rows the model was loaded with.
-        f32 = mx.float32
-        return mx.dequantize(self.weight[x], self.scales[x].astype(f32), self.biases[x].astype(f32),
-                             group_size=self.group_size, bits=self.bits)
-
     def as_linear(self, x: mx.array) -> mx.array:
         y = _quantized_product(x, self)
         return super().as_linear(x) if y is None else y
 
 
 def narrow_scales(model: nn.Module) -> int:
-    """Store quantized layers' float32 scales and biases as float16 where float16 holds every
-    value exactly (GGUF's Q4_0/Q4_1/Q5_0/Q8_0 scales were float16 in the file): the same weights,
-    0.5 bit less per weight to keep resident and to read per decode step. Returns how many."""
+    """Store quantized projections' float32 scales and biases as float16 where float16 holds
+    every value exactly (GGUF's scales were float16 in the file): the same weights, 0.5 bit less
+    per weight to keep resident and to read per decode step. Returns how many. Embeddings keep
+    theirs: their lookup computes in the scales' dtype, and mlxgen/reuse reads the model's
+    dtype from them."""
     candidates = []
     for _, layer in model.named_modules():
-        if isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and layer.scales.dtype == mx.float32:
+        if isinstance(layer, nn.QuantizedLinear) and layer.scales.dtype == mx.float32:
             s16, b16 = layer.scales.astype(mx.float16), layer.biases.astype(mx.float16)
             exact = mx.array_equal(s16.astype(mx.float32), layer.scales) & \
                 mx.array_equal(b16.astype(mx.float32), layer.biases)
