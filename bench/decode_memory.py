@@ -68,14 +68,30 @@ def _get_json(url: str) -> dict:
         return json.loads(r.read())
 
 
-def _runner_peak_mb() -> float | None:
+def _server_pid(url: str) -> int | None:
+    # bench/reference/ollama_ref.py records the pid of the server it started on each port.
+    port = url.rstrip("/").rsplit(":", 1)[-1]
+    cache = os.environ.get("MLXGEN_OLLAMA_REF_CACHE", "~/.cache/mlxgen/ollama-ref")
+    try:
+        return int(open(os.path.join(os.path.expanduser(cache), f"serve-{port}.pid")).read())
+    except (OSError, ValueError):
+        return None
+
+
+def _runner_peak_mb(url: str) -> float | None:
     # The reference Ollama runs each model in a child "runner" process; VmHWM is its peak RSS.
+    # Only this server's runners count (other servers on the machine run their own).
+    server = _server_pid(url)
     best = None
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmd = open(f"/proc/{pid}/cmdline", "rb").read()
             if b"ollama" in cmd and b"runner" in cmd:
-                for line in open(f"/proc/{pid}/status"):
+                status = open(f"/proc/{pid}/status").read().splitlines()
+                ppid = int(next(l for l in status if l.startswith("PPid")).split()[1])
+                if server is not None and ppid != server:
+                    continue
+                for line in status:
                     if line.startswith("VmHWM"):
                         best = max(best or 0, int(line.split()[1]) / 1024)
         except OSError:
@@ -104,7 +120,7 @@ def ollama_sample(url: str, name: str) -> dict:
         out[f"decode_{n}"] = r.get("eval_count", 0) / max(r.get("eval_duration", 0) / 1e9, 1e-9) \
             if r.get("eval_count") else None
         out[f"decoded_{n}"] = r.get("eval_count", 0)
-    out["peak_rss_mb"] = _runner_peak_mb()
+    out["peak_rss_mb"] = _runner_peak_mb(url)
     return out
 
 

@@ -27,7 +27,8 @@ Mask = Literal["causal"] | mx.array | None
 class KVCache:
     """Post-RoPE cache (mlx-lm's behaviour): keys are stored already rotated.
 
-    Storage grows in steps of `step` tokens so appending a chunk is a slice update, not a concat."""
+    Storage grows in steps of `step` tokens so appending a chunk is a slice update, not a concat;
+    prefill reserves a prompt's whole length first (`reserve`), so a prompt is one allocation."""
 
     step = 256
     pre_rope = False
@@ -39,6 +40,7 @@ class KVCache:
         self.start = 0  # position of the first stored token
         self.window = window
         self.keep_all = keep_all  # a windowed cache that keeps every token (chunk encoding)
+        self.reserved = 0  # position up to which storage is wanted (reserve)
 
     def rotate_and_update(
         self, queries: mx.array, keys: mx.array, values: mx.array, rope: Rope
@@ -76,6 +78,16 @@ class KVCache:
             self._realloc(first - self.start, self.offset - first)
             self.start = first
 
+    def reserve(self, n: int) -> None:
+        """Make room for `n` more tokens (a prompt about to be prefilled): one allocation instead
+        of one per chunk, each of which would leave a freed buffer in MLX's buffer cache. A
+        windowed cache that drops keys grows only as it needs to."""
+        if self.window is not None and not self.keep_all:
+            return
+        self.reserved = max(self.reserved, self.offset + n)
+        if self.keys is not None and self.reserved - self.start > self.keys.shape[2]:
+            self._realloc(0, self.reserved - self.start)
+
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         prev = self.offset - self.start
         n = keys.shape[2]
@@ -84,7 +96,7 @@ class KVCache:
             self.keys = mx.zeros((B, H, 0, Dk), keys.dtype)
             self.values = mx.zeros((B, H, 0, values.shape[3]), values.dtype)
         if prev + n > self.keys.shape[2]:
-            self._realloc(0, prev + n)
+            self._realloc(0, max(prev + n, self.reserved - self.start))
         self.offset += n
         self.keys[..., prev : prev + n, :] = keys
         self.values[..., prev : prev + n, :] = values

@@ -34,6 +34,8 @@ def prefill(
     if tokens.ndim != 1 or tokens.size == 0:
         raise ValueError("prefill needs a non-empty 1-D sequence of token ids.")
     start, n = 0, tokens.size
+    for layer in cache:  # storage for the whole prompt at once (a decode step's growth too)
+        layer.reserve(n + 1)
     while n - start > chunk:
         model.model(tokens[None, start : start + chunk], cache)  # hidden states are discarded
         # Evaluate asynchronously: building the next chunk's graph overlaps this evaluation.

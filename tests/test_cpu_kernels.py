@@ -190,7 +190,7 @@ def test_models_run_through_every_kernel(ext, arch, monkeypatch):
     monkeypatch.setattr(cpu_ext, "_load", lambda: (Counting(), ""))
     backends.prepare(model, "cpu")
     got = prefill(model, ids, model.make_cache())
-    assert set(calls) == {"softmax_numerators", "silu_mul", "rms_norm", "rope", "matvec"}
+    assert set(calls) == {"softmax_numerators", "silu_mul", "rms_norm", "rope", "matvec", "decode_attention"}
     assert mx.abs(got - want).max().item() < 1e-4
     # Prepared again for the MLX-only backend, the model calls no kernel at all.
     backends.prepare(model, "mlx")

@@ -190,6 +190,94 @@ void rope(const float* x, float* y, int64_t B, int64_t H, int64_t L, int64_t D,
       }
 }
 
+// One query row per head against a cache of n keys (decode), GQA: the rep = H / KV query heads
+// of a KV head share one pass over its keys and one over its values. The keys are split into
+// ranges, one per thread; each range keeps its own running max, denominator and weighted sum of
+// values, merged at the end (the split that lets two cores share one long cache).
+struct AttnShape {
+  int64_t B, H, KV, n, D, Dv;
+  int64_t kb, kh, kn, vb, vh, vn;  // key / value strides (elements) over batch, head, position
+  float scale;
+};
+
+inline float vdot(const float* a, const float* b, int64_t d) {
+  vf acc = splat(0.0f);
+  int64_t i = 0;
+  for (; i + W <= d; i += W) acc += load(a + i) * load(b + i);
+  float t = 0.0f;
+  for (int l = 0; l < W; ++l) t += acc[l];
+  for (; i < d; ++i) t += a[i] * b[i];
+  return t;
+}
+
+inline void vaxpy(float* y, float a, const float* x, int64_t d) {
+  int64_t i = 0;
+  vf va = splat(a);
+  for (; i + W <= d; i += W) store(y + i, load(y + i) + va * load(x + i));
+  for (; i < d; ++i) y[i] += a * x[i];
+}
+
+// Keys j0 <= j < j1 for every (batch, head): stat[bh] = (max, denominator), acc[bh] = the
+// unnormalised weighted sum of values, both relative to that max.
+void attend_range(const AttnShape& s, const float* q, const float* k, const float* v, int64_t j0, int64_t j1,
+                  float* stat, float* acc) {
+  int64_t rep = s.H / s.KV, len = j1 - j0;
+  std::vector<float> scores(rep * std::max<int64_t>(len, 1));
+  for (int64_t b = 0; b < s.B; ++b)
+    for (int64_t g = 0; g < s.KV; ++g) {
+      const float* kg = k + b * s.kb + g * s.kh;
+      const float* vg = v + b * s.vb + g * s.vh;
+      const float* qg = q + (b * s.H + g * rep) * s.D;
+      for (int64_t j = 0; j < len; ++j) {
+        const float* kj = kg + (j0 + j) * s.kn;
+        for (int64_t r = 0; r < rep; ++r) scores[r * len + j] = vdot(qg + r * s.D, kj, s.D) * s.scale;
+      }
+      for (int64_t r = 0; r < rep; ++r) {
+        int64_t bh = b * s.H + g * rep + r;
+        float* sr = scores.data() + r * len;
+        float m = -INFINITY;
+        for (int64_t j = 0; j < len; ++j) m = std::max(m, sr[j]);
+        softmax_numerators(sr, sr, 1, len, 1, -1);  // exp(score - max), in place
+        float l = 0.0f;
+        for (int64_t j = 0; j < len; ++j) l += sr[j];
+        stat[2 * bh] = m, stat[2 * bh + 1] = l;
+        std::fill(acc + bh * s.Dv, acc + (bh + 1) * s.Dv, 0.0f);
+      }
+      for (int64_t j = 0; j < len; ++j) {
+        const float* vj = vg + (j0 + j) * s.vn;
+        for (int64_t r = 0; r < rep; ++r) vaxpy(acc + (b * s.H + g * rep + r) * s.Dv, scores[r * len + j], vj, s.Dv);
+      }
+    }
+}
+
+void decode_attention(const AttnShape& s, const float* q, const float* k, const float* v, float* out, int threads) {
+  int64_t BH = s.B * s.H;
+  // A thread per range only where the cache is large enough to amortise starting it.
+  int64_t t = std::clamp<int64_t>(s.n * s.KV * s.B * (s.D + s.Dv) / (1 << 16), 1, threads);
+  t = std::min(t, s.n);
+  std::vector<float> stat(t * BH * 2), acc(t * BH * s.Dv);
+  std::vector<std::thread> pool;
+  int64_t per = (s.n + t - 1) / t;
+  for (int64_t i = 1; i < t; ++i)
+    pool.emplace_back(attend_range, std::cref(s), q, k, v, std::min(s.n, i * per), std::min(s.n, (i + 1) * per),
+                      stat.data() + i * BH * 2, acc.data() + i * BH * s.Dv);
+  attend_range(s, q, k, v, 0, std::min(s.n, per), stat.data(), acc.data());
+  for (auto& th : pool) th.join();
+  for (int64_t bh = 0; bh < BH; ++bh) {
+    float m = -INFINITY, l = 0.0f;
+    for (int64_t i = 0; i < t; ++i) m = std::max(m, stat[(i * BH + bh) * 2]);
+    float* o = out + bh * s.Dv;
+    std::fill(o, o + s.Dv, 0.0f);
+    for (int64_t i = 0; i < t; ++i) {
+      if (stat[(i * BH + bh) * 2 + 1] == 0.0f) continue;  // an empty range
+      float w = std::exp(stat[(i * BH + bh) * 2] - m);
+      l += w * stat[(i * BH + bh) * 2 + 1];
+      vaxpy(o, w, acc.data() + (i * BH + bh) * s.Dv, s.Dv);
+    }
+    for (int64_t d = 0; d < s.Dv; ++d) o[d] /= l;
+  }
+}
+
 // One MLX primitive for every kernel here (cpu_kernel.h): float32 inputs (made contiguous unless
 // the kernel takes strides), one float32 output.
 #include "cpu_kernel.h"
@@ -264,6 +352,40 @@ mx::array rope_op(const mx::array& x, int dims, bool traditional, const mx::arra
   });
 }
 
+mx::array decode_attention_op(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
+                              int threads) {
+  if (q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4 || q.shape(2) != 1 || q.shape(0) != k.shape(0) ||
+      v.shape(0) != k.shape(0) || k.shape(1) != v.shape(1) || k.shape(2) != v.shape(2) ||
+      q.shape(3) != k.shape(3) || k.shape(1) < 1 || q.shape(1) % k.shape(1) || k.shape(2) < 1)
+    throw std::invalid_argument("decode_attention needs q (B, H, 1, D), k (B, KV, n, D), v (B, KV, n, Dv), "
+                                "n >= 1 and H a multiple of KV.");
+  // The cache's views are read in place (strides at eval time); their rows must be contiguous.
+  auto qc = checked(q, "decode_attention"), kc = checked(k, "decode_attention", false);
+  auto vc = checked(v, "decode_attention", false);
+  AttnShape s{q.shape(0), q.shape(1), k.shape(1), k.shape(2), q.shape(3), v.shape(3), 0, 0, 0, 0, 0, 0, scale};
+  auto shape = q.shape();
+  shape.back() = v.shape(3);
+  return make("MlxgenDecodeAttention", shape, {qc, kc, vc}, [=](auto& in, float* out) -> Task {
+    auto &ks = in[1].strides(), &vs = in[2].strides();
+    AttnShape t = s;
+    t.kb = ks[0], t.kh = ks[1], t.kn = ks[2], t.vb = vs[0], t.vh = vs[1], t.vn = vs[2];
+    return [=, a = in[0].template data<float>(), b = in[1].template data<float>(), c = in[2].template data<float>(),
+            kd = ks[3], vd = vs[3]] {
+      if (kd == 1 && vd == 1) return decode_attention(t, a, b, c, out, threads);
+      // Rows with a feature stride (never a cache's): gathered into contiguous copies first.
+      AttnShape u = t;
+      std::vector<float> kk(s.B * s.KV * s.n * s.D), vv(s.B * s.KV * s.n * s.Dv);
+      for (int64_t r = 0; r < s.B * s.KV * s.n; ++r) {
+        int64_t bb = r / (s.KV * s.n), g = r / s.n % s.KV, j = r % s.n;
+        for (int64_t d = 0; d < s.D; ++d) kk[r * s.D + d] = b[bb * t.kb + g * t.kh + j * t.kn + d * kd];
+        for (int64_t d = 0; d < s.Dv; ++d) vv[r * s.Dv + d] = c[bb * t.vb + g * t.vh + j * t.vn + d * vd];
+      }
+      u.kn = s.D, u.kh = s.n * s.D, u.kb = s.KV * s.n * s.D, u.vn = s.Dv, u.vh = s.n * s.Dv, u.vb = s.KV * s.n * s.Dv;
+      decode_attention(u, a, kk.data(), vv.data(), out, threads);
+    };
+  });
+}
+
 }  // namespace
 
 void add_quant_ops(nb::module_& m);  // quant.cpp: kernels on quantized weights
@@ -277,5 +399,7 @@ NB_MODULE(_mlxgen_cpu, m) {
   m.def("rms_norm", &rms_norm_op, nb::arg("x"), nb::arg("weight"), nb::arg("eps"));
   m.def("rope", &rope_op, nb::arg("x"), nb::arg("dims"), nb::arg("traditional"), nb::arg("inv_freq"),
         nb::arg("scale"), nb::arg("offset"));
+  m.def("decode_attention", &decode_attention_op, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("scale"),
+        nb::arg("threads"));
   add_quant_ops(m);
 }

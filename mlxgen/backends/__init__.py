@@ -51,6 +51,7 @@ def prepare(model, backend: str | None = None) -> Runtime:
     backend = backend or device.backend_name()
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}.")
+    cpu.uninstall(model)  # float16 scales back to the float32 they were loaded as
     reset(model)
     if backend == "cpu":
         runtime = cpu.install(model)

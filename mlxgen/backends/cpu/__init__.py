@@ -9,6 +9,7 @@ from __future__ import annotations
 from functools import partial
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from ... import settings
 from ...models.attention import Attention
@@ -17,18 +18,34 @@ from ...models.qwen3_moe import Experts
 from ...runtime import CPU_CHUNK, Runtime
 from ..swap import plug, swap
 from . import blas, ext, ops
-from .layers import SWAPS
+from .layers import SWAPS, narrow_scales, widen_scales
 
 # MLX's CPU allocator keeps only 32 MiB of freed buffers by default: less than one decoder
-# layer's intermediates, so buffers went back to malloc and were page-faulted in again.
-CPU_CACHE_LIMIT = 1 << 30
+# layer's intermediates at a prefill chunk, so buffers went back to malloc and were page-faulted
+# in again. Every cached byte stays in the process's memory, though: the limit is sized to the
+# model (cache_limit_for), this is its floor.
+CPU_CACHE_LIMIT = 48 << 20
 
 
-def raise_cache_limit() -> None:
-    """Let MLX's CPU allocator reuse up to CPU_CACHE_LIMIT bytes of freed buffers (never lowers
-    a larger limit someone set)."""
-    previous = mx.set_cache_limit(CPU_CACHE_LIMIT)
-    if previous > CPU_CACHE_LIMIT:
+def cache_limit_for(model) -> int:
+    """Bytes of freed buffers for MLX to keep: twice one decoder layer's float32 intermediates
+    at a CPU prefill chunk plus its largest dequantized projection (the scratch of a packed
+    weight), at least CPU_CACHE_LIMIT."""
+    a = model.args
+    inter = max(a.intermediate_size, a.moe_intermediate_size, a.hidden_size)
+    activations = CPU_CHUNK * (6 * a.hidden_size + 3 * inter) * 4
+    scratch = max((layer.weight.shape[0] * layer.weight.shape[1] * 32 // layer.bits * 4
+                   for _, layer in model.named_modules()
+                   if isinstance(layer, nn.QuantizedLinear) and layer.weight.shape[0] != a.vocab_size),
+                  default=0)
+    return max(CPU_CACHE_LIMIT, 2 * (activations + scratch))
+
+
+def raise_cache_limit(limit: int = CPU_CACHE_LIMIT) -> None:
+    """Let MLX's CPU allocator reuse up to `limit` bytes of freed buffers (never lowers a larger
+    limit someone set)."""
+    previous = mx.set_cache_limit(limit)
+    if previous > limit:
         mx.set_cache_limit(previous)
 
 
@@ -38,15 +55,22 @@ def quantized_kernels() -> bool:
     return settings.cpu_fast_ops() and ext.kernels() is not None
 
 
+def uninstall(model) -> None:
+    """Undo what install changed beyond the swaps (backends.prepare resets those)."""
+    widen_scales(model)
+
+
 def install(model) -> Runtime:
     """mlxgen's CPU ops in `model` (MLXGEN_CPU_FAST_OPS / MLXGEN_CPU_KERNELS, read now)."""
-    raise_cache_limit()
+    raise_cache_limit(cache_limit_for(model))
     blas.report_blas()
     if not settings.cpu_fast_ops() or model.model.norm.weight.dtype != mx.float32:
         return Runtime(backend="mlx", prefill_chunk_size=CPU_CHUNK)
     module = ext.kernels()  # None when off or it cannot be built (logged once)
     if module is not None:
         swap(model, SWAPS)
+        if narrow_scales(model):
+            mx.clear_cache()  # the float32 scales just freed would stay in MLX's buffer cache
     plug(model, Attention, "sdpa", partial(ops.scaled_dot_product_attention, ext=module))
     for owner in (MLP, Experts):
         plug(model, owner, "activation", partial(ops.silu_mul, ext=module))

@@ -12,11 +12,13 @@ Installed on CPU models by mlxgen/backends/cpu/__init__.py; the GPU path keeps m
 
 from __future__ import annotations
 
+import os
 from types import ModuleType
 
 import mlx.core as mx
 
 _SQUARINGS = 8
+_THREADS = min(8, os.cpu_count() or 1)  # decode attention is memory-bound: a few cores suffice
 _P_SQUARINGS = 4  # the last squarings act on p = 1 + q directly
 
 
@@ -69,10 +71,14 @@ def scaled_dot_product_attention(
     """Attention as two BLAS matmuls around the fast exp; GQA without repeating K/V.
 
     q: (B, H, L, D); k, v: (B, KV, N, D); mask: None, "causal", or a bool/additive array
-    broadcastable to (B, H, L, N). Single-token decode keeps MLX's sdpa: its exp count is tiny
-    and a compiled function would be re-traced for every new key length."""
+    broadcastable to (B, H, L, N). A single-token decode step goes to the C++ decode attention
+    (one pass over the cache's keys and one over its values, shared by a KV head's query heads,
+    split over the cores), else to MLX's sdpa: a compiled function would be re-traced for every
+    new key length."""
     L, N = q.shape[2], k.shape[2]
     if L == 1 and not isinstance(mask, mx.array):
+        if ext is not None and q.dtype == k.dtype == v.dtype == mx.float32:
+            return ext.decode_attention(q, k, v, scale, _THREADS)
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     rows = _block_rows(q.shape[1], N)
     # A ones column on V makes the P@V matmul also return each row's softmax denominator,
