@@ -220,13 +220,16 @@ def mlx_lm_model(model, dequantize: bool = False) -> nn.Module:
 
 def _dequantized(weights: dict[str, mx.array], modules: dict[str, nn.Module]) -> dict[str, mx.array]:
     out = {k: v for k, v in weights.items() if not k.endswith((".scales", ".biases"))}
+    # The model's compute dtype (the CPU backend may keep scales narrower than it).
+    dtype = next(v.dtype for k, v in out.items() if k.endswith("norm.weight"))
     for key in list(out):
         path = key.rsplit(".", 1)[0]
         if key.endswith(".weight") and f"{path}.scales" in weights:
             m = modules[path]
-            scales = weights[f"{path}.scales"]
-            out[key] = mx.dequantize(out[key], scales, weights.get(f"{path}.biases"),
-                                     group_size=m.group_size, bits=m.bits).astype(scales.dtype)
+            scales, biases = weights[f"{path}.scales"], weights.get(f"{path}.biases")
+            out[key] = mx.dequantize(out[key], scales.astype(dtype),
+                                     None if biases is None else biases.astype(dtype),
+                                     group_size=m.group_size, bits=m.bits)
     return out
 
 
