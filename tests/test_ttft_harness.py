@@ -133,7 +133,9 @@ def test_prompts_have_exact_lengths_and_unique_starts(tiny):
         assert p.tokens == n == len(tok.encode(p.text))
         assert p.text.startswith(p.nonce)
     prompts = [build_prompt(tok, 64) for _ in range(40)]
-    assert prompts_are_unique(prompts)
+    # The tiny tokenizer spends about one token per hex digit of the nonce: 4 ids (BOS + 3 digits)
+    # collide among 40 prompts in ~1% of runs; 8 ids hold 28 random bits.
+    assert prompts_are_unique(prompts, prefix_tokens=8)
     assert len({p.nonce for p in prompts}) == 40
     same = build_prompt(tok, 64, nonce="fixed: ")
     assert not prompts_are_unique([same, build_prompt(tok, 64, nonce="fixed: ")])
