@@ -14,6 +14,8 @@ ENV_VARS = {
     "MLXGEN_QUANTIZED": "keep or dequantize quantized weights: auto (default; dequantize on CPU), keep, dequantize",
     "MLXGEN_DTYPE": "float dtype for weights: auto (default; float32 on CPU, float16 on GPU), float32, float16, bfloat16",
     "MLXGEN_CACHE_DIR": "where fetched models are cached (default ~/.cache/mlxgen)",
+    "MLXGEN_CONVERT_CACHE": "keep each GGUF's converted MLX weights and tokenizer under MLXGEN_CACHE_DIR/converted so later loads skip the repack: on (default) or off (also 1/0)",
+    "MLXGEN_CONVERT_CACHE_BYTES": "size cap of the converted-weights cache, least recently used entries evicted first: bytes, or with KB/MB/GB/KiB/MiB/GiB (default 8GiB; the newest entry is always kept)",
     "MLXGEN_CPU_FAST_OPS": "on the CPU, fast softmax/SwiGLU math (mlxgen/backends/cpu/ops.py), read at load: on (default) or off",
     "MLXGEN_CPU_KERNELS": "on the CPU, mlxgen's C++ softmax/SwiGLU/RMSNorm/RoPE/LM-head kernels, built once per machine (mlxgen/backends/cpu/ext.py), read at load: auto (default; MLX ops if the build fails), on (fail instead), off",
     "MLXGEN_KERNELS": "custom Metal kernels: auto (default; only where measured faster), off, on",
@@ -81,6 +83,30 @@ def cache_dir() -> Path:
     if path.exists() and not path.is_dir():
         raise ConfigError(f"MLXGEN_CACHE_DIR (environment) must be a directory; {path} is a file.")
     return path
+
+
+def convert_cache(override: bool | None = None) -> bool:
+    """Whether GGUF loads use the converted-weights cache (the argument, else MLXGEN_CONVERT_CACHE)."""
+    if override is not None:
+        if not isinstance(override, bool):
+            raise ConfigError(f"cache must be True or False; got {override!r}.")
+        return override
+    raw = (_get("MLXGEN_CONVERT_CACHE") or "on").lower()
+    if raw not in ("on", "off", "1", "0"):
+        raise ConfigError(f"MLXGEN_CONVERT_CACHE (environment) must be on, off, 1 or 0; got {raw!r}.")
+    return raw in ("on", "1")
+
+
+# A 7B Q4_K_M converts to about 5 GB: the cap holds that and a few small models, and is a
+# predictable number to document; a larger model's entry is still kept when it is the newest.
+DEFAULT_CONVERT_CACHE_BYTES = 8 << 30
+
+
+def convert_cache_bytes() -> int:
+    value = _get("MLXGEN_CONVERT_CACHE_BYTES")
+    if value is None:
+        return DEFAULT_CONVERT_CACHE_BYTES
+    return byte_count(value, "MLXGEN_CONVERT_CACHE_BYTES (environment)")
 
 
 def log_level(default: str = "WARNING") -> str:
@@ -151,6 +177,11 @@ def chunk_store_bytes(override: int | str | None = None) -> int:
     value = override if override is not None else _get("MLXGEN_CHUNK_STORE_BYTES")
     if value is None:
         return DEFAULT_CHUNK_STORE_BYTES
+    return byte_count(value, source)
+
+
+def byte_count(value: int | str, source: str) -> int:
+    """A positive byte count from an int or a string such as 512MB or 2GiB."""
     if isinstance(value, str):
         text = value.strip().upper().replace(" ", "")
         digits = text.rstrip("KMGIB")
@@ -195,6 +226,8 @@ def validate_all() -> None:
     cache_reuse()
     recompute_fraction()
     chunk_store_bytes()
+    convert_cache()
+    convert_cache_bytes()
     server_url()
     if _get("MLXGEN_LOG_LEVEL") is not None:
         logging.getLogger("mlxgen").setLevel(log_level())

@@ -100,6 +100,9 @@ def pytest_configure(config):
     from mlxgen.loading import pypi
 
     os.environ.setdefault("MLXGEN_DTYPE", "float32")
+    # loads convert from the file (tests/test_convert_cache.py turns the cache on where it is
+    # the point): no test writes into, or is served from, the user's converted-weights cache
+    os.environ.setdefault("MLXGEN_CONVERT_CACHE", "0")
 
     for env, name in (("MLXGEN_TEST_SMOLLM2_GGUF", "smollm2"), ("MLXGEN_TEST_QWEN_GGUF", "qwen2.5-coder")):
         if not os.environ.get(env):

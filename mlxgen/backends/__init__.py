@@ -10,6 +10,8 @@ a backend's layer subclasses and ops, and records the choice (mlxgen/runtime.py)
 
 from __future__ import annotations
 
+import mlx.core as mx
+
 from .. import settings
 from ..runtime import GPU_CHUNK, Runtime
 from . import cpu, device, metal
@@ -45,6 +47,15 @@ def dequantize_here(module, policy: str | None = None) -> bool:
     return not device.supported_bits(module.bits, module.group_size)
 
 
+def projection_scale_dtype(float_dtype):
+    """The dtype in which a loader should hand over quantized projections' scales and biases for
+    a model computing in float_dtype: float16 where the CPU backend would narrow them to it
+    anyway (cpu.layers.narrow_scales; GGUF's scales are float16 values), else float_dtype."""
+    if float_dtype == mx.float32 and device.is_cpu() and cpu.quantized_kernels():
+        return mx.float16
+    return float_dtype
+
+
 def prepare(model, backend: str | None = None) -> Runtime:
     """Install `backend`'s implementations in `model` (default: this device's); returns and
     records how the model runs. Calling it again re-decides from scratch."""
@@ -64,4 +75,4 @@ def prepare(model, backend: str | None = None) -> Runtime:
 
 
 __all__ = ["BACKENDS", "Runtime", "check_environment", "cpu", "dequantize_here", "device",
-           "keep_quantized", "metal", "prepare"]
+           "keep_quantized", "metal", "prepare", "projection_scale_dtype"]

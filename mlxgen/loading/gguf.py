@@ -57,6 +57,7 @@ class GGUFHeader:
     metadata: dict[str, Any]
     tensors: list[TensorInfo]
     buffer: mmap.mmap = field(repr=False)
+    data_start: int = 0  # bytes before the first tensor: metadata and tensor directory
 
 
 @dataclass
@@ -66,6 +67,7 @@ class GGUFContents:
     quantization: dict | None
     tokenizer: TokenizerParts
     metadata: dict
+    header_bytes: int = 0  # the file's header size (the converted-weights cache hashes it)
 
 
 class _Cursor:
@@ -218,7 +220,7 @@ def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
             f"{path} is truncated: its tensors need {need} bytes but the file has {len(buf)}. "
             "The download or copy was interrupted; fetch the file again (ollama pull NAME)."
         )
-    return GGUFHeader(version, meta, tensors, buf)
+    return GGUFHeader(version, meta, tensors, buf, data_start)
 
 
 # byte b -> a uint64 whose byte k holds bit k of b at bit 4: Q5's fifth bits, eight codes at once
@@ -496,7 +498,7 @@ _GGUF_KEYS = {
 
 def read_gguf(
     path: str | os.PathLike, dequantize: bool = False, k_quants: bool = True,
-    scale_dtype: mx.Dtype = mx.float16,
+    scale_dtype: mx.Dtype = mx.float16, projection_scale_dtype: mx.Dtype | None = None,
 ) -> GGUFContents:
     """Load a llama/qwen2/qwen3/qwen3moe/gemma2/gemma3/phi3 GGUF as an HF-layout config, weights
     and tokenizer.
@@ -505,7 +507,9 @@ def read_gguf(
     MLX-quantized (bit-exact), and with k_quants the K-quants too (Q4_K/Q5_K up to fp16 scales,
     Q6_K/Q3_K/Q2_K in their nearest MLX form); without, those are float32 as gguf computes them.
     scale_dtype: float16 (as GGUF stores them) or float32 (the same values, for a model that
-    will run in float32: saves converting them afterwards)."""
+    will run in float32: saves converting them afterwards). projection_scale_dtype: the same
+    for every quantized tensor but the embedding and expert stacks (default scale_dtype): the
+    CPU backend keeps a float32 model's projection scales in float16."""
     path = Path(path)
     header = read_gguf_header(path)
     meta = header.metadata
@@ -533,8 +537,10 @@ def read_gguf(
         keep = not dequantize and not rope and quantized_bits(t.qtype) is not None and (
             len(t.shape) >= 2 and (k_quants or t.qtype in NATIVE_BITS))
         jobs.append((t, keep, ("", "") if rope else hf_module_name(t.name, arch)))
+    projection_scale_dtype = projection_scale_dtype or scale_dtype
     for t, keep, (module, suffix) in jobs:
-        arrays = _load_tensor(header.buffer, t, keep, scale_dtype)
+        own = module == "model.embed_tokens" or ".experts." in module
+        arrays = _load_tensor(header.buffer, t, keep, scale_dtype if own else projection_scale_dtype)
         if t.name == "rope_freqs.weight":
             config["rope_freq_factors"] = arrays[0].astype(mx.float32).tolist()
             continue
@@ -590,4 +596,5 @@ def read_gguf(
         "tokenizer": meta.get("tokenizer.ggml.model"),
         "pre_tokenizer": meta.get("tokenizer.ggml.pre"),
     }
-    return GGUFContents(config, weights, quantization or None, tokenizer, metadata)
+    return GGUFContents(config, weights, quantization or None, tokenizer, metadata,
+                        header.data_start)

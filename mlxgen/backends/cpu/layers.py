@@ -85,6 +85,8 @@ def narrow_scales(model: nn.Module) -> int:
     dtype from them."""
     candidates = []
     for _, layer in model.named_modules():
+        if isinstance(layer, nn.QuantizedLinear) and layer.scales.dtype == mx.float16:
+            layer.narrowed_scales = True  # loaded narrow (backends.projection_scale_dtype)
         if isinstance(layer, nn.QuantizedLinear) and layer.scales.dtype == mx.float32:
             s16, b16 = layer.scales.astype(mx.float16), layer.biases.astype(mx.float16)
             exact = mx.array_equal(s16.astype(mx.float32), layer.scales) & \
