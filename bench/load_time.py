@@ -1,10 +1,17 @@
-"""Fresh-process load time and peak RSS of a GGUF, quantized="keep" vs "dequantize" (issue 14).
+"""Fresh-process load time and peak RSS of a GGUF, quantized="keep" vs "dequantize" (issue 14),
+and through the converted-weights cache (mlxgen/loading/converted.py).
 
 Each measurement is one new Python process that imports mlxgen, then times `mlxgen.load(path,
-quantized=...)` and the phases inside it (header, tokenizer, tensors, model build). Modes are
-interleaved (keep, dequantize, keep, ...) and medians reported, so neighbours' noise hits both.
+quantized=...)` and the phases inside it (header, tokenizer, tensors, model build, cache read and
+write). Modes are interleaved (keep, dequantize, keep, ...) and medians reported, so neighbours'
+noise hits both. Modes: keep / dequantize (cache off), first (cache on, its entries for the file
+removed before the run: convert and write), cached (cache on, the entry present: read it).
 
     python bench/load_time.py --models smollm2,qwen2.5-coder --reps 3 --out bench/results/load
+    python bench/load_time.py --modes first,cached,keep --warm-mb 2000 ...
+
+--warm-mb N touches N MB of fresh memory in a throwaway process before every run: this VM's host
+reclaims idle guest memory, and the first touch of it costs far more than on a Mac.
 
 With --ollama URL --ollama-models smollm2=NAME,... each round also times the reference Ollama's
 cold load of the same file (bench/reference/ollama_ref.py; OLLAMA_NUM_GPU=0): the model is
@@ -49,8 +56,12 @@ gguf.read_gguf_header = timed("header", gguf.read_gguf_header)
 gguf.tokenizer_from_gguf = timed("tokenizer", gguf.tokenizer_from_gguf)
 gguf.read_gguf = timed("read", gguf.read_gguf)
 loading.build_model = timed("build", loading.build_model)
+from mlxgen.loading import converted
+converted.Entry.read = timed("cache_read", converted.Entry.read)
+converted.Entry.write = timed("cache_write", converted.Entry.write)
+cache = mode in ("first", "cached")
 t = time.perf_counter()
-model, tok = mlxgen.load(path, quantized=mode, dtype=dtype)
+model, tok = mlxgen.load(path, quantized="keep" if cache else mode, dtype=dtype, cache=cache)
 t_load = time.perf_counter() - t
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 n_bytes = sum(v.nbytes for _, v in __import__("mlx.utils").utils.tree_flatten(model.parameters()))
@@ -61,8 +72,19 @@ print(json.dumps({"import_s": t_import, "load_s": t_load, "peak_rss_mb": rss,
 """
 
 
-def run_once(path: str, mode: str, root: str = str(ROOT), dtype: str | None = None) -> dict:
+WARM = "import numpy as np, sys; np.ones(int(sys.argv[1]) << 17)"  # MB of float64
+
+
+def run_once(path: str, mode: str, root: str = str(ROOT), dtype: str | None = None,
+             warm_mb: int = 0) -> dict:
     env = {**os.environ, "PYTHONPATH": root}
+    if mode == "first":  # only this benchmark's entries live there: start from none
+        sys.path.insert(0, root)
+        from mlxgen.loading import converted
+
+        converted.clear()
+    if warm_mb:
+        subprocess.run([sys.executable, "-c", WARM, str(warm_mb)], check=True)
     argv = [sys.executable, "-c", CHILD, path, mode] + ([dtype] if dtype else [])
     # cwd=root: `python -c` puts the working directory first on sys.path
     out = subprocess.run(argv, env=env, check=True, cwd=root, capture_output=True, text=True,
@@ -109,6 +131,8 @@ def main() -> None:
     ap.add_argument("--trees", default=f"this={ROOT}",
                     help="LABEL=DIR,... mlxgen source trees to compare (e.g. an older checkout)")
     ap.add_argument("--dtype", help='e.g. "float16" with --modes keep: the Mac profile on the CPU')
+    ap.add_argument("--warm-mb", type=int, default=0,
+                    help="touch this many MB in a throwaway process before each run")
     ap.add_argument("--out", help="write OUT.json and OUT.md")
     ap.add_argument("--ollama", help="reference Ollama URL, e.g. http://127.0.0.1:11535")
     ap.add_argument("--ollama-models", default="",
@@ -128,17 +152,20 @@ def main() -> None:
         if oname:
             print(model, "ollama answers:", repr(ollama_check(args.ollama, oname)), flush=True)
         ollama_runs = []
+        if any(m == "cached" for m in modes):  # an entry for the first cached run to read
+            run_once(path, "first", next(iter(trees.values())), args.dtype)
         for rep in range(args.reps):
             for key in runs:  # interleaved
                 label, mode = key.split(":")
-                runs[key].append(run_once(path, mode, trees[label], args.dtype))
+                runs[key].append(run_once(path, mode, trees[label], args.dtype, args.warm_mb))
                 print(model, key, rep, runs[key][-1], flush=True)
             if oname:
                 ollama_runs.append(ollama_cold_load(args.ollama, oname))
                 print(model, "ollama", rep, ollama_runs[-1], flush=True)
         results[model] = {
             "file_mb": os.path.getsize(path) / 2**20,
-            **{mode: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "mlxgen"}
+            **{mode: {k: statistics.median(r.get(k, 0.0) for r in rs)
+                      for k in set().union(*rs) if k != "mlxgen"}
                for mode, rs in runs.items()},
             "runs": runs,
         }
@@ -147,14 +174,15 @@ def main() -> None:
                                         for k in ollama_runs[0]}
             results[model]["ollama_runs"] = ollama_runs
     lines = ["| model | code:mode | import s | load s | read_gguf s | header s | tokenizer s "
-             "| build s | RSS after import MB | peak RSS MB | MLX peak MB | weights MB | file MB |",
-             "|---" * 13 + "|"]
+             "| build s | cache read s | cache write s | RSS after import MB | peak RSS MB "
+             "| MLX peak MB | weights MB | file MB |", "|---" * 15 + "|"]
     for model, r in results.items():
         for key, m in r.items():
             if key in ("file_mb", "runs", "ollama", "ollama_runs"):
                 continue
-            cells = [f"{m[k]:.2f}" for k in ("import_s", "load_s", "read_s", "header_s",
-                                                "tokenizer_s", "build_s")]
+            cells = [f"{m.get(k, 0.0):.2f}" for k in ("import_s", "load_s", "read_s", "header_s",
+                                                       "tokenizer_s", "build_s", "cache_read_s",
+                                                       "cache_write_s")]
             cells += [f"{m[k]:.0f}" for k in ("import_rss_mb", "peak_rss_mb", "mlx_peak_mb",
                                                "weight_mb")]
             lines.append(f"| {model} | {key} | {' | '.join(cells)} | {r['file_mb']:.0f} |")
@@ -178,6 +206,8 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out + ".json").write_text(json.dumps(results, indent=1))
         head = f"medians of {args.reps} interleaved fresh-process runs"
+        if args.warm_mb:
+            head += f", {args.warm_mb} MB of memory touched in a throwaway process before each"
         Path(args.out + ".md").write_text(f"{head}\n\n{table}\n")
 
 

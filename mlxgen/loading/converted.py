@@ -145,6 +145,9 @@ class Entry:
         tensors = {k: [str(v.dtype), list(v.shape)] for k, v in weights.items()}
         if tensors != body["tensors"]:
             raise ValueError("weights file holds other tensors than the manifest lists")
+        # MLX reads the file on its own thread while this one builds the tokenizer (which
+        # holds the GIL; MLX's evaluation does not need it)
+        mx.async_eval(list(weights.values()))
         tk = body["tokenizer"]
         parts = TokenizerParts(Tokenizer.from_str(text.decode()), tk["chat_template"],
                                tk["bos_token_id"], tk["eos_token_ids"], tk["add_bos_token"])
