@@ -56,12 +56,16 @@ gguf.read_gguf_header = timed("header", gguf.read_gguf_header)
 gguf.tokenizer_from_gguf = timed("tokenizer", gguf.tokenizer_from_gguf)
 gguf.read_gguf = timed("read", gguf.read_gguf)
 loading.build_model = timed("build", loading.build_model)
-from mlxgen.loading import converted
-converted.Entry.read = timed("cache_read", converted.Entry.read)
-converted.Entry.write = timed("cache_write", converted.Entry.write)
 cache = mode in ("first", "cached")
+try:
+    from mlxgen.loading import converted
+    converted.Entry.read = timed("cache_read", converted.Entry.read)
+    converted.Entry.write = timed("cache_write", converted.Entry.write)
+    kw = {"cache": cache}
+except ImportError:  # an older tree (--trees): no cache
+    kw = {}
 t = time.perf_counter()
-model, tok = mlxgen.load(path, quantized="keep" if cache else mode, dtype=dtype, cache=cache)
+model, tok = mlxgen.load(path, quantized="keep" if cache else mode, dtype=dtype, **kw)
 t_load = time.perf_counter() - t
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 n_bytes = sum(v.nbytes for _, v in __import__("mlx.utils").utils.tree_flatten(model.parameters()))
