@@ -114,7 +114,8 @@ class Entry:
         try:
             return self._read()
         except _Stale as e:
-            logger.info("converted cache: %s changed (%s); converting it again", self.source["path"], e)
+            logger.info("converted cache: %s changed (%s); converting it again",
+                        self.source["path"], e)
         except Exception as e:  # noqa: BLE001 - any damage means: convert again
             logger.warning("converted cache entry %s is unreadable (%s: %s); rebuilding it",
                            self.dir, type(e).__name__, e)
