@@ -269,6 +269,5 @@ def test_real_model_cached_is_identical(cache):
     second = mlxgen.load(path)
     assert len(cache[1]) == 1
     assert_same_model(first, second)
-    assert _greedy(first, 12) == _greedy(second, 12)
-    _, tok = second
-    assert tok.decode(_greedy(second, 12))  # answers something
+    tokens = _greedy(second, 12)
+    assert _greedy(first, 12) == tokens and second[1].decode(tokens).strip()
