@@ -199,7 +199,9 @@ def _stream_generate(
         nonlocal history
         for processor in processors:
             logits = processor(history, logits)
-        token = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        if sampler.key is not None:  # greedy takes the argmax: no pass over the vocabulary here
+            logits = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = sampler(logits)
         if processors:
             history = mx.concatenate([history, token])[-window:]
         return token
