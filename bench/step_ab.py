@@ -8,7 +8,10 @@ measure the same things but drift with the neighbours):
   Contiguous node per kernel input); `--exp-ext` adds a third library as a variant of its own;
 - heads: Attention.__call__ as before (transposes for one position) or split_heads;
 - cache: KVCache.update_and_fetch indexing with `...` (before) or plain slices;
-- greedy: argmax of logits - logsumexp(logits) (before) or of the logits.
+- greedy: argmax of logits - logsumexp(logits) (before) or of the logits;
+- "after, stream_generate": every change, through stream_generate's loop (greedy) instead;
+- `--threads N`: every change, with N threads for the decode kernels (default: the cores), to see
+  whether a kernel thread less lets graph building overlap evaluation.
 
 Each sample is `--steps` steps in generate's pattern (build step n+1 and its token while step n
 evaluates), then the cache is trimmed back to `--context`. Medians over `--rounds`.
@@ -31,7 +34,7 @@ import mlx.core as mx
 
 import mlxgen
 from mlxgen.backends.cpu import ext as cpu_ext
-from mlxgen.backends.cpu import ops
+from mlxgen.backends.cpu import layers, ops
 from mlxgen.backends.swap import plug
 from mlxgen.cache import KVCache
 from mlxgen.models.attention import Attention
@@ -83,24 +86,27 @@ def main() -> None:
     p.add_argument("--model", default="smollm2:135m")
     p.add_argument("--base-ext", required=True, help="the base commit's _mlxgen_cpu library")
     p.add_argument("--exp-ext", help="another library to try on top of every other change")
+    p.add_argument("--threads", type=int, help="also: every change, with this many decode kernel threads")
     p.add_argument("--context", type=int, default=150)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--rounds", type=int, default=7)
     a = p.parse_args()
 
-    model, _ = mlxgen.load(a.model)
+    model, tokenizer = mlxgen.load(a.model)
     assert model.runtime.backend == "cpu", "needs the CPU backend with its kernels"
     libs = {"base": load_library(a.base_ext), "new": cpu_ext.loaded()}
     if a.exp_ext:
         libs["exp"] = load_library(a.exp_ext)
+    default_threads = layers.MATVEC_THREADS
     current = {"call": Attention.__call__, "update": KVCache.update_and_fetch}
     rng = random.Random(0)
     ids = [rng.randrange(1000, min(30000, model.args.vocab_size - 1)) for _ in range(a.context)]
     cache = model.make_cache()
     mx.eval(prefill(model, ids, cache))
 
-    def configure(lib: str, heads: bool, slices: bool) -> None:
+    def configure(lib: str, heads: bool, slices: bool, threads: int = default_threads) -> None:
         use_library(model, libs[lib])
+        layers.MATVEC_THREADS = ops._THREADS = threads
         Attention.__call__ = current["call"] if heads else attention_before
         KVCache.update_and_fetch = current["update"] if slices else update_before
 
@@ -125,20 +131,36 @@ def main() -> None:
             layer.trim(layer.offset - a.context)
         return ms
 
-    # (name, library, heads, cache slices, greedy without logsumexp)
-    variants = [("before", "base", False, False, False), ("+ext", "new", False, False, False),
-                ("+heads", "new", True, False, False), ("+cache", "new", True, True, False),
-                ("after (+greedy)", "new", True, True, True)]
+    def generate() -> float:
+        # stream_generate's decode loop on the same cache (one prompt token prefilled): its own
+        # cost (detokenizer, stop matching, stats) shows against the bare loop above.
+        r = None
+        for r in mlxgen.stream_generate(model, tokenizer, ids + [ids[-1]], cache=cache,
+                                        max_tokens=a.steps + 1):
+            pass
+        for layer in cache:
+            layer.trim(layer.offset - a.context)
+        return 1e3 / r.stats.decode_tps
+
+    # (name, greedy without logsumexp, configure's arguments: library, heads, cache slices[, threads])
+    variants = [("before", False, ("base", False, False)), ("+ext", False, ("new", False, False)),
+                ("+heads", False, ("new", True, False)), ("+cache", False, ("new", True, True)),
+                ("after (+greedy)", True, ("new", True, True))]
     if a.exp_ext:
-        variants.append(("after + exp-ext", "exp", True, True, True))
+        variants.append(("after + exp-ext", True, ("exp", True, True)))
+    if a.threads:
+        variants.append((f"after, {a.threads} kernel threads", True, ("new", True, True, a.threads)))
     times = {v[0]: [] for v in variants}
-    for v in variants:  # warm each once
-        configure(*v[1:4])
-        run(v[4])
+    times["after, stream_generate"] = []
+    for name, fast, args in variants:  # warm each once
+        configure(*args)
+        run(fast)
     for _ in range(a.rounds):
-        for v in variants:
-            configure(*v[1:4])
-            times[v[0]].append(run(v[4]))
+        for name, fast, args in variants:
+            configure(*args)
+            times[name].append(run(fast))
+        configure("new", True, True)
+        times["after, stream_generate"].append(generate())
     base = statistics.median(times["before"])
     print(f"{a.model}, ~{a.context} cached tokens, {a.steps} piped steps per sample, "
           f"medians of {a.rounds} interleaved rounds")
