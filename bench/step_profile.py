@@ -13,6 +13,7 @@ measures, at that context:
   difference to `piped` is the loop's own cost (sampler, detokenizer, stats).
 
     python bench/step_profile.py --model smollm2:135m --trees /tmp/base,. --rounds 5
+    python bench/step_profile.py --model qwen2.5-coder:0.5b --threads 2,1   # decode kernel threads
     python bench/step_profile.py --model smollm2:135m --cprofile   # where the build time goes
 """
 
