@@ -199,7 +199,7 @@ def _stream_generate(
         nonlocal history
         for processor in processors:
             logits = processor(history, logits)
-        if sampler.key is not None:  # greedy takes the argmax: no pass over the vocabulary here
+        if sampler.key is not None:  # sampling reads log-probabilities; greedy's argmax needs none
             logits = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         token = sampler(logits)
         if processors:
