@@ -98,9 +98,11 @@ class KVCache:
         if prev + n > self.keys.shape[2]:
             self._realloc(0, max(prev + n, self.reserved - self.start))
         self.offset += n
-        self.keys[..., prev : prev + n, :] = keys
-        self.values[..., prev : prev + n, :] = values
-        return self.keys[..., : prev + n, :], self.values[..., : prev + n, :]
+        # Plain slices, not `...`: MLX's indexing with an ellipsis takes a slower path, and this
+        # runs for every layer of every decode step.
+        self.keys[:, :, prev : prev + n] = keys
+        self.values[:, :, prev : prev + n] = values
+        return self.keys[:, :, : prev + n], self.values[:, :, : prev + n]
 
     def _realloc(self, drop: int, needed: int) -> None:
         # New buffers of a multiple of `step` rows holding stored tokens drop.. (up to offset).

@@ -199,7 +199,9 @@ def _stream_generate(
         nonlocal history
         for processor in processors:
             logits = processor(history, logits)
-        token = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        if sampler.key is not None:  # sampling reads log-probabilities; greedy's argmax needs none
+            logits = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = sampler(logits)
         if processors:
             history = mx.concatenate([history, token])[-window:]
         return token

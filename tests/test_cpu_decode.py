@@ -1,6 +1,9 @@
 """CPU decode and memory pieces: the C++ decode attention against MLX's sdpa, the KV cache's
 one-allocation prefill (reserve), float16 scales where they are exact, the buffer-cache limit."""
 
+import collections
+import re
+
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
@@ -160,3 +163,34 @@ def test_cache_limit_is_sized_to_the_model():
     big = SimpleNamespace(args=args, named_modules=lambda: [("mlp.up_proj", proj)])
     want = 2 * (CPU_CHUNK * (6 * 1024 + 3 * 8192) * 4 + 8192 * 1024 * 4)
     assert cpu_backend.cache_limit_for(big) == want
+
+
+def _step_ops(model, cache, token: int, path) -> collections.Counter:
+    # One decode step's graph, counted by primitive.
+    logits = model(mx.array([[token]]), cache)
+    mx.export_to_dot(str(path), logits)
+    mx.eval(logits)
+    return collections.Counter(re.findall(r'label ="([^"]*)"', path.read_text()))
+
+
+@kernels
+@pytest.mark.parametrize("arch", ["smollm2", "qwen3"])
+def test_decode_steps_are_lean_and_match_the_full_forward(ext, arch, tmp_path):
+    # A decode step (one position: heads reshaped, not transposed; kernel inputs made dense at
+    # eval, not by Contiguous nodes) gives the logits of the whole sequence's forward pass.
+    from reuse_helpers import max_diff, tiny_model, token_ids
+
+    from mlxgen.prefill import prefill
+
+    model, ids = tiny_model(arch), token_ids(12)
+    for backend in ("mlx", "cpu"):
+        backends.prepare(model, backend)
+        want = model(mx.array([ids]))
+        cache = model.make_cache()
+        assert max_diff(prefill(model, ids[:8], cache), want[:, 7]) < 1e-4
+        for i in range(8, 12):
+            assert max_diff(model(mx.array([[ids[i]]]), cache)[:, -1], want[:, i]) < 1e-4, (backend, i)
+    # On MLX's own ops (backend "mlx") nn.Linear's weight.T is a transpose node of its own.
+    ops = _step_ops(model, cache, ids[0], tmp_path / "step.dot")
+    assert "Transpose" not in ops and "Contiguous" not in ops, ops
+    assert ops["MlxgenDecodeAttention"] == len(model.layers), ops

@@ -55,6 +55,11 @@ def test_non_contiguous_inputs(ext):
     np.testing.assert_allclose(got, numerators_reference(np.array(scores), 1, -1), rtol=2e-6, atol=1e-7)
     g, u = mx.random.normal((33, 70)) * 6, mx.random.normal((70, 33)).T
     np.testing.assert_allclose(np.array(ext.silu_mul(g, u)), np.array(nn.silu(g) * u), rtol=1e-5, atol=1e-6)
+    # Made dense at eval time (no Contiguous node): an offset column slice and a broadcast row.
+    w = mx.random.normal((100,))
+    for x in (mx.random.normal((6, 4, 110))[1:, :, 7:107], mx.broadcast_to(mx.random.normal((100,)), (3, 100))):
+        np.testing.assert_allclose(np.array(ext.rms_norm(x, w, 1e-6)), np.array(mx.fast.rms_norm(x, w, 1e-6)),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_silu_mul_extremes(ext):

@@ -7,16 +7,50 @@
 using Task = std::function<void()>;
 using Kernel = std::function<Task(const std::vector<mx::array>&, float*)>;
 
+// src's elements in row-major order into dst (allocated, same shape): any strides, any dtype.
+inline void dense_copy(const mx::array& src, mx::array& dst) {
+  const int nd = src.ndim();
+  const size_t item = src.itemsize();
+  const int64_t inner = nd ? src.shape(-1) : 1, inner_stride = nd ? src.strides()[nd - 1] : 1;
+  const char* s = src.data<char>();
+  char* d = dst.data<char>();
+  std::vector<int> idx(std::max(nd - 1, 0), 0);
+  for (size_t row = 0, rows = inner ? src.size() / inner : 0; row < rows; ++row) {
+    int64_t off = 0;
+    for (int a = 0; a < nd - 1; ++a) off += idx[a] * src.strides()[a];
+    for (int64_t i = 0; i < inner; ++i, d += item) std::memcpy(d, s + (off + i * inner_stride) * item, item);
+    for (int a = nd - 2; a >= 0 && ++idx[a] == src.shape(a); --a) idx[a] = 0;
+  }
+}
+
+// Inputs are handed to the kernel row-contiguous, except those in `strided` (bit i: input i is
+// read with its own strides). The layout is only known at eval time, where a copy is rarely
+// needed; a Contiguous node per input at graph time would cost a graph node every call.
 class CpuKernel : public mx::Primitive {
  public:
-  CpuKernel(mx::Stream s, const char* name, Kernel fn) : mx::Primitive(s), name_(name), fn_(std::move(fn)) {}
+  CpuKernel(mx::Stream s, const char* name, Kernel fn, uint32_t strided = 0)
+      : mx::Primitive(s), name_(name), fn_(std::move(fn)), strided_(strided) {}
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
     auto& y = out[0];
     y.set_data(mx::allocator::malloc(y.nbytes()));
     auto& enc = mx::cpu::get_command_encoder(stream());
+    std::vector<mx::array> args = in;
+    std::vector<std::pair<mx::array, mx::array>> copies;  // (input, its dense copy)
+    for (size_t i = 0; i < in.size(); ++i) {
+      if ((strided_ >> i & 1) || in[i].flags().row_contiguous) continue;
+      mx::array dense(in[i].shape(), in[i].dtype(), nullptr, {});
+      dense.set_data(mx::allocator::malloc(dense.nbytes()));
+      copies.emplace_back(in[i], dense);
+      args[i] = dense;
+    }
     for (auto& a : in) enc.set_input_array(a);
     enc.set_output_array(y);
-    enc.dispatch(fn_(in, y.data<float>()));
+    Task task = fn_(args, y.data<float>());
+    if (copies.empty()) return enc.dispatch(std::move(task));
+    enc.dispatch([copies = std::move(copies), task = std::move(task)]() mutable {
+      for (auto& [src, dst] : copies) dense_copy(src, dst);
+      task();
+    });
   }
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
     throw std::runtime_error(std::string("mlxgen CPU kernel ") + name_ + " has no GPU version.");
@@ -27,6 +61,7 @@ class CpuKernel : public mx::Primitive {
  private:
   const char* name_;
   Kernel fn_;
+  uint32_t strided_;
 };
 
 mx::Stream cpu_stream() { return mx::default_stream(mx::Device::cpu); }

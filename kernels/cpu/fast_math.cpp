@@ -278,18 +278,19 @@ void decode_attention(const AttnShape& s, const float* q, const float* k, const 
   }
 }
 
-// One MLX primitive for every kernel here (cpu_kernel.h): float32 inputs (made contiguous unless
-// the kernel takes strides), one float32 output.
+// One MLX primitive for every kernel here (cpu_kernel.h): float32 inputs (row-contiguous at eval
+// time unless the kernel takes strides), one float32 output.
 #include "cpu_kernel.h"
 
-mx::array checked(const mx::array& x, const char* what, bool contiguous = true) {
+mx::array checked(const mx::array& x, const char* what) {
   if (x.dtype() != mx::float32)
     throw std::invalid_argument(std::string(what) + ": mlxgen CPU kernels take float32 arrays.");
-  return contiguous ? mx::contiguous(x, false, cpu_stream()) : x;
+  return x;
 }
 
-mx::array make(const char* name, const mx::Shape& shape, std::vector<mx::array> inputs, Kernel fn) {
-  return mx::array(shape, mx::float32, std::make_shared<CpuKernel>(cpu_stream(), name, std::move(fn)),
+mx::array make(const char* name, const mx::Shape& shape, std::vector<mx::array> inputs, Kernel fn,
+               uint32_t strided = 0) {
+  return mx::array(shape, mx::float32, std::make_shared<CpuKernel>(cpu_stream(), name, std::move(fn), strided),
                    std::move(inputs));
 }
 
@@ -340,7 +341,7 @@ mx::array rope_op(const mx::array& x, int dims, bool traditional, const mx::arra
       inv_freq.ndim() != 1 || inv_freq.shape(0) != dims / 2)
     throw std::invalid_argument("rope needs x (B, H, L, D), even dims <= D and dims / 2 inverse frequencies.");
   // Read in place whatever the layout (e.g. the transposed projection): strides at eval time.
-  auto xs = checked(x, "rope", false);
+  auto xs = checked(x, "rope");
   auto f = checked(inv_freq, "rope");
   int64_t B = xs.shape(0), H = xs.shape(1), L = xs.shape(2), D = xs.shape(3);
   return make("MlxgenRope", xs.shape(), {xs, f}, [=](auto& in, float* out) -> Task {
@@ -349,7 +350,7 @@ mx::array rope_op(const mx::array& x, int dims, bool traditional, const mx::arra
             sb = st[0], sh = st[1], sl = st[2], sd = st[3]] {
       rope(a, out, B, H, L, D, sb, sh, sl, sd, dims, traditional, fr, scale, offset);
     };
-  });
+  }, 1u);
 }
 
 mx::array decode_attention_op(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
@@ -360,8 +361,8 @@ mx::array decode_attention_op(const mx::array& q, const mx::array& k, const mx::
     throw std::invalid_argument("decode_attention needs q (B, H, 1, D), k (B, KV, n, D), v (B, KV, n, Dv), "
                                 "n >= 1 and H a multiple of KV.");
   // The cache's views are read in place (strides at eval time); their rows must be contiguous.
-  auto qc = checked(q, "decode_attention"), kc = checked(k, "decode_attention", false);
-  auto vc = checked(v, "decode_attention", false);
+  auto qc = checked(q, "decode_attention"), kc = checked(k, "decode_attention");
+  auto vc = checked(v, "decode_attention");
   AttnShape s{q.shape(0), q.shape(1), k.shape(1), k.shape(2), q.shape(3), v.shape(3), 0, 0, 0, 0, 0, 0, scale};
   auto shape = q.shape();
   shape.back() = v.shape(3);
@@ -383,7 +384,7 @@ mx::array decode_attention_op(const mx::array& q, const mx::array& k, const mx::
       u.kn = s.D, u.kh = s.n * s.D, u.kb = s.KV * s.n * s.D, u.vn = s.Dv, u.vh = s.n * s.Dv, u.vb = s.KV * s.n * s.Dv;
       decode_attention(u, a, kk.data(), vv.data(), out, threads);
     };
-  });
+  }, 0b110u);
 }
 
 }  // namespace

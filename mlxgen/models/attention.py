@@ -53,14 +53,23 @@ class Attention(nn.Module):
         """Attention output for every position, or with last_only for the last one (the keys
         and values of every position still go to the cache)."""
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+        q = self.split_heads(self.q_proj(x), self.n_heads)
+        k = self.split_heads(self.k_proj(x), self.n_kv_heads)
+        v = self.split_heads(self.v_proj(x), self.n_kv_heads)
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+        if L > 1:
+            q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
         out = self.attend(q, k, v, cache, last_only)
+        if out.shape[2] == 1:  # one query: (B, H, 1, D) is already the features' order
+            return self.o_proj(out.reshape(B, 1, -1))
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, out.shape[2], -1))
+
+    def split_heads(self, t: mx.array, n: int) -> mx.array:
+        """(B, L, n * D) -> (B, L, n, D); one position goes straight to (B, n, 1, D), the layout
+        attention takes: its transpose would be a graph node that moves nothing."""
+        B, L, _ = t.shape
+        return t.reshape(B, n, 1, self.head_dim) if L == 1 else t.reshape(B, L, n, self.head_dim)
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, cache, last_only: bool) -> mx.array:
         """The seam: the cache decides when keys are rotated and which keys each query sees
