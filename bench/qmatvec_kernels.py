@@ -84,13 +84,13 @@ def copies(n: int, k: int, bits: int, stream_mib: int) -> tuple[list, int]:
     return out, nbytes
 
 
-def timed(fn, weights: list, x: mx.array, bits: int, threads: int, state: dict) -> float:
+def timed(fn, weights: list, x: mx.array, bits: int, threads: int, state: dict, clock) -> float:
     # Next copy in the cycle: memory-resident, as in a decode step.
     i = state["i"] = (state["i"] + 1) % len(weights)
     q, s, b = weights[i]
-    start = time.perf_counter()
+    start = clock()
     mx.eval(fn(x, q, s, b, bits, GROUP, threads))
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def main() -> None:
@@ -101,13 +101,18 @@ def main() -> None:
     ap.add_argument("--stream-mib", type=int, default=512)
     ap.add_argument("--bits", default=",".join(map(str, BITS)))
     ap.add_argument("--models", default=",".join(SHAPES))
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: the process's CPU time per call (on one thread, the kernel's own time, "
+                         "which other processes on a shared machine inflate far less than wall time)")
     ap.add_argument("--out")
     args = ap.parse_args()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     ext = cpu_ext.kernels()
     cands = {"now": ext.qmatvec}
     if args.baseline:
         cands = {f"baseline {args.baseline}": baseline_module(args.baseline).qmatvec, **cands}
-    lines = [f"machine: {os.cpu_count()} cores, MLX {mx.__version__}; qmatvec on {args.threads} threads, one row "
+    lines = [f"machine: {os.cpu_count()} cores, MLX {mx.__version__}; qmatvec on {args.threads} threads ({args.clock} "
+             f"clock), one row "
              f"of x, float16 scales, groups of {GROUP}, weights cycled over {args.stream_mib} MiB of copies; "
              f"medians of {args.rounds} interleaved rounds; load average at start "
              f"{os.getloadavg()[0]:.1f}", ""]
@@ -129,10 +134,10 @@ def main() -> None:
                 state = {c: {"i": 0} for c in cands}
                 for c, fn in cands.items():  # warm-up (and the first touch of each copy's pages)
                     for _ in range(min(len(weights), 3)):
-                        timed(fn, weights, x, bits, args.threads, state[c])
+                        timed(fn, weights, x, bits, args.threads, state[c], clock)
                 for _ in range(args.rounds):
                     for c, fn in cands.items():
-                        times[c].append(timed(fn, weights, x, bits, args.threads, state[c]))
+                        times[c].append(timed(fn, weights, x, bits, args.threads, state[c], clock))
                 ms = {c: statistics.median(t) * 1e3 for c, t in times.items()}
                 gbs = {c: nbytes / (m / 1e3) / 1e9 for c, m in ms.items()}
                 row = [model, f"{n} x {k}", str(bits), f"{nbytes / 1e6:.2f}"]

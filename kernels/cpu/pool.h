@@ -105,7 +105,7 @@ class Pool {
 
   // How long an idle worker spins before sleeping: longer than the gaps between a decode
   // step's kernels, far shorter than a step (bench/NOTES.md, "worker pool").
-  static constexpr std::chrono::microseconds kSpin{200};
+  static constexpr std::chrono::microseconds kSpin{50};
 
   std::vector<std::thread> threads_;
   std::mutex job_mutex_;
