@@ -62,7 +62,7 @@ class Pool {
     // after that no worker reads this job's fields, which the next job rewrites.
     ticket_.fetch_or(kClosed);
     for (int spins = 0; (ticket_.load(std::memory_order_acquire) & kInside) != 0; ++spins) {
-      if (spins < 4096) pool_pause();
+      if (spins < 128) pool_pause();
       else std::this_thread::yield();  // a worker was descheduled mid-task: let it run
     }
   }
