@@ -131,8 +131,10 @@ def main() -> None:
     p.add_argument("--ollama")
     p.add_argument("--ollama-model")
     p.add_argument("--json")
+    p.add_argument("--variants", default="keep,dequantize",
+                   help="mlxgen variants to run: keep (quantized weights, the default path), dequantize")
     a = p.parse_args()
-    variants = ["keep", "dequantize"] + (["ollama"] if a.ollama else [])
+    variants = a.variants.split(",") + (["ollama"] if a.ollama else [])
     runs = {v: [] for v in variants}
     for r in range(a.rounds):
         for v in (variants if r % 2 == 0 else variants[::-1]):

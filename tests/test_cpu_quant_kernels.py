@@ -156,10 +156,11 @@ def test_fallback_without_kernels(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["haswell", "x86-64"])
+@pytest.mark.parametrize("arch", ["skylake-avx512", "haswell", "x86-64"])
 def test_narrower_vector_builds(tmp_path, arch):
-    """The AVX2 (8-wide, no VBMI) and plain SSE2 builds, which this AVX-512 machine otherwise never
-    runs: same checks on a subset (one build each, about a minute)."""
+    """The AVX-512 build without VBMI (16-wide, the portable unpack), AVX2 (8-wide) and plain SSE2
+    builds, which this AVX-512 VBMI machine otherwise never runs: same checks on a subset (one
+    build each, about a minute)."""
     import importlib.util
     import platform
     import subprocess

@@ -6,16 +6,18 @@
 #include <nanobind/nanobind.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
-#include <thread>
 #include <vector>
 
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
+#include "pool.h"
 
 namespace mx = mlx::core;
 namespace nb = nanobind;
@@ -124,13 +126,44 @@ void matvec_rows(const float* x, const float* w, float* y, int64_t m, int64_t k,
 }
 
 void matvec(const float* x, const float* w, float* y, int64_t m, int64_t k, int64_t n, int threads) {
-  if (threads <= 1 || n * k < (1 << 20)) return matvec_rows(x, w, y, m, k, 0, n, n);
-  std::vector<std::thread> pool;
-  int64_t per = (n + threads - 1) / threads;
-  for (int t = 1; t < threads; ++t)
-    pool.emplace_back(matvec_rows, x, w, y, m, k, std::min(n, t * per), std::min(n, (t + 1) * per), n);
-  matvec_rows(x, w, y, m, k, 0, std::min(n, per), n);
-  for (auto& th : pool) th.join();
+  // Chunks of at least 1 Mi weights, as quant.cpp's kMinChunk (smaller splits measured slower).
+  mlxgen::parallel_for(n, ((1 << 20) + k - 1) / k, threads,
+                       [&](int64_t j0, int64_t j1) { matvec_rows(x, w, y, m, k, j0, j1, n); });
+}
+
+// Reads `size` 64-bit words once per pass on up to `threads` pool threads; returns the median
+// bytes per second of `passes` passes: the memory-read ceiling the streaming kernels are
+// compared with (bench/qmatvec_kernels.py). The checksum keeps the compiler from dropping reads.
+double read_bandwidth(int64_t size, int threads, int passes) {
+  std::vector<uint64_t> buf(size);
+  for (int64_t i = 0; i < size; ++i) buf[i] = static_cast<uint64_t>(i);  // touched before timing
+  typedef uint64_t vu __attribute__((vector_size(64)));
+  constexpr int64_t V = 8;  // words per vu
+  std::vector<double> rates;
+  std::atomic<uint64_t> sink{0};
+  for (int p = 0; p < passes; ++p) {
+    auto start = std::chrono::steady_clock::now();
+    int64_t per = (size / threads + V * 4 - 1) / (V * 4) * (V * 4);
+    mlxgen::pool().run(threads, threads, [&](int64_t t) {
+      int64_t a = std::min(size, t * per), b = std::min(size, (t + 1) * per);
+      vu s0 = {}, s1 = {}, s2 = {}, s3 = {};
+      int64_t i = a;
+      for (; i + 4 * V <= b; i += 4 * V) {
+        vu v0, v1, v2, v3;
+        std::memcpy(&v0, &buf[i], 64), std::memcpy(&v1, &buf[i + V], 64);
+        std::memcpy(&v2, &buf[i + 2 * V], 64), std::memcpy(&v3, &buf[i + 3 * V], 64);
+        s0 += v0, s1 += v1, s2 += v2, s3 += v3;
+      }
+      uint64_t t0 = 0;
+      for (; i < b; ++i) t0 += buf[i];
+      vu s = s0 + s1 + s2 + s3;
+      for (int l = 0; l < V; ++l) t0 += s[l];
+      sink.fetch_add(t0);
+    });
+    rates.push_back(size * 8.0 / std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
+  std::sort(rates.begin(), rates.end());
+  return sink.load() == 1 ? 0.0 : rates[rates.size() / 2];
 }
 
 // RMSNorm of each row of x (rows, d): x / sqrt(mean(x^2) + eps) * weight, one read, one write.
@@ -252,17 +285,15 @@ void attend_range(const AttnShape& s, const float* q, const float* k, const floa
 
 void decode_attention(const AttnShape& s, const float* q, const float* k, const float* v, float* out, int threads) {
   int64_t BH = s.B * s.H;
-  // A thread per range only where the cache is large enough to amortise starting it.
+  // A thread per range only where the cache is large enough to amortise handing it over.
   int64_t t = std::clamp<int64_t>(s.n * s.KV * s.B * (s.D + s.Dv) / (1 << 16), 1, threads);
   t = std::min(t, s.n);
   std::vector<float> stat(t * BH * 2), acc(t * BH * s.Dv);
-  std::vector<std::thread> pool;
   int64_t per = (s.n + t - 1) / t;
-  for (int64_t i = 1; i < t; ++i)
-    pool.emplace_back(attend_range, std::cref(s), q, k, v, std::min(s.n, i * per), std::min(s.n, (i + 1) * per),
-                      stat.data() + i * BH * 2, acc.data() + i * BH * s.Dv);
-  attend_range(s, q, k, v, 0, std::min(s.n, per), stat.data(), acc.data());
-  for (auto& th : pool) th.join();
+  mlxgen::pool().run(t, static_cast<int>(t), [&](int64_t i) {
+    attend_range(s, q, k, v, std::min(s.n, i * per), std::min(s.n, (i + 1) * per), stat.data() + i * BH * 2,
+                 acc.data() + i * BH * s.Dv);
+  });
   for (int64_t bh = 0; bh < BH; ++bh) {
     float m = -INFINITY, l = 0.0f;
     for (int64_t i = 0; i < t; ++i) m = std::max(m, stat[(i * BH + bh) * 2]);
@@ -400,6 +431,8 @@ NB_MODULE(_mlxgen_cpu, m) {
   m.def("rms_norm", &rms_norm_op, nb::arg("x"), nb::arg("weight"), nb::arg("eps"));
   m.def("rope", &rope_op, nb::arg("x"), nb::arg("dims"), nb::arg("traditional"), nb::arg("inv_freq"),
         nb::arg("scale"), nb::arg("offset"));
+  m.def("read_bandwidth", &read_bandwidth, nb::arg("words"), nb::arg("threads"), nb::arg("passes"),
+        nb::call_guard<nb::gil_scoped_release>(), "Median bytes/s of reading `words` 64-bit words on `threads` pool threads (a memory ceiling).");
   m.def("decode_attention", &decode_attention_op, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("scale"),
         nb::arg("threads"));
   add_quant_ops(m);

@@ -16,7 +16,6 @@
 #include <functional>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <utility>
 #include <vector>
 
@@ -27,6 +26,8 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
+
+#include "pool.h"
 
 namespace mx = mlx::core;
 namespace nb = nanobind;
@@ -103,6 +104,29 @@ constexpr qvu lane_shifts() {
   return v;
 }
 
+#if defined(__AVX512VBMI__)
+// The 16 bytes at p hold all L * B / 8 <= 12 bytes used (B <= 6): one 16-byte load and one
+// zero-masking vpermb. A full-width load from p crossed a cache line at almost every block.
+constexpr int64_t kRead = 16;
+
+template <int B>
+struct WindowIndex {  // byte k of the window vector, as window_index(); zeroed bytes read byte 0
+  alignas(64) uint8_t v[64] = {};
+  constexpr WindowIndex() {
+    for (int k = 0; k < 64; ++k) v[k] = k % 4 < 2 ? B * (k / 4) / 8 + k % 4 : 0;
+  }
+};
+template <int B>
+inline constexpr WindowIndex<B> kWindowIndex{};
+
+template <int B>
+inline qvf unpack(const uint8_t* p) {
+  __m512i s = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  __m512i w = _mm512_maskz_permutexvar_epi8(0x3333333333333333ull, _mm512_load_si512(kWindowIndex<B>.v), s);
+  qvi q = (qvi)(((qvu)w >> lane_shifts<B>()) & ((1u << B) - 1));
+  return __builtin_convertvector(q, qvf);
+}
+#else
 constexpr int64_t kRead = L * 4;  // bytes unpack reads
 
 // The L codes packed in the L * B / 8 bytes at p, as floats. Reads kRead bytes from p.
@@ -114,6 +138,7 @@ inline qvf unpack(const uint8_t* p) {
   qvi q = (qvi)((u >> lane_shifts<B>()) & ((1u << B) - 1));
   return __builtin_convertvector(q, qvf);
 }
+#endif
 
 typedef uint8_t qvb8 __attribute__((vector_size(L)));
 
@@ -165,16 +190,6 @@ const float* block_order(const float* x, int64_t size, std::vector<float>& buf) 
   }
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  qvf acc = {};
-  int64_t i = 0;
-  for (; i + L <= n; i += L) acc = fmadd(qload(a + i), qload(b + i), acc);
-  float t = 0.0f;
-  for (int l = 0; l < L; ++l) t += acc[l];
-  for (; i < n; ++i) t += a[i] * b[i];
-  return t;
-}
-
 // Weights and their dimensions, as one kernel call sees them.
 struct QWeight {
   const uint8_t* w;
@@ -193,15 +208,23 @@ inline const uint8_t* group_bytes(const QWeight& q, const uint8_t* p, int64_t nb
   return pad;
 }
 
-// Row j's G scales (or biases) as float32: in place, or converted into buf.
+// G rounded up to whole vectors: per-row scale, bias and x-sum buffers are padded with zeros to
+// this length, so the bias term is whole-vector work with no scalar tail.
+inline int64_t padded(int64_t G) { return (G + L - 1) / L * L; }
+
+// Row j's G scales (or biases) as float32 in buf (padded(G) floats, zeros past G).
 inline const float* row_floats(const void* p, ScaleType st, int64_t j, int64_t G, float* buf) {
   // Converted 16 (AVX-512) or 8 (F16C) at a time: one at a time doubled qmatvec's time.
-  if (st == ScaleType::f32) return static_cast<const float*>(p) + j * G;
-  const uint16_t* h = static_cast<const uint16_t*>(p) + j * G;
   int64_t g = 0;
-#if defined(__AVX512F__)
-  for (; g + 16 <= G; g += 16) {
-    __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + g));
+  if (st == ScaleType::f32) {
+    std::memcpy(buf, static_cast<const float*>(p) + j * G, G * 4);
+    g = G;
+  }
+  const uint16_t* h = static_cast<const uint16_t*>(p) + j * G;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+  for (; g < G; g += 16) {  // the last block's load is masked: never past the array's end
+    __mmask16 in = G - g >= 16 ? 0xffff : static_cast<__mmask16>((1u << (G - g)) - 1);
+    __m256i v = _mm256_maskz_loadu_epi16(in, h + g);
     __m512 f = st == ScaleType::f16 ? _mm512_cvtph_ps(v)
                                     : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
     _mm512_storeu_ps(buf + g, f);
@@ -215,18 +238,33 @@ inline const float* row_floats(const void* p, ScaleType st, int64_t j, int64_t G
   }
 #endif
   for (; g < G; ++g) buf[g] = scale_at(h, st, g);
+  for (g = G; g < padded(G); ++g) buf[g] = 0.0f;
   return buf;
 }
 
+// The sum of v's lanes, halving the vector each step (fewer dependent adds than lane by lane).
+inline float hsum(qvf v) {
+  typedef float qvf8 __attribute__((vector_size(32)));
+  typedef float qvf4 __attribute__((vector_size(16)));
+#ifdef __AVX512F__
+  qvf8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+           __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+  qvf8 h = v;
+#endif
+  qvf4 f = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  return (f[0] + f[2]) + (f[1] + f[3]);
+}
+
 // y[r, j] = sum_g scale[j, g] * (x[r, g] . codes[j, g]) + bias[j, g] * xsum[r, g] for M rows of x
-// (row stride k, in block_order) and output rows j0 <= j < j1 (row stride n): the codes are
-// unpacked once per row of w and used by all M rows of x.
+// (row stride k, in block_order; xsum row stride padded(G)) and output rows j0 <= j < j1 (row
+// stride n): the codes are unpacked once per row of w and used by all M rows of x.
 template <int B, int GS, int M>
 void qmatvec_rows(const QWeight& q, const float* x, const float* xsum, float* y, int64_t j0, int64_t j1) {
   constexpr int NB = kBlock<B>, NV = NB / L;
-  const int64_t k = q.k, G = k / GS, row_bytes = k * B / 8, gbytes = GS * B / 8;
+  const int64_t k = q.k, G = k / GS, Gp = padded(G), row_bytes = k * B / 8, gbytes = GS * B / 8;
   alignas(64) uint8_t pad[GS + kRead] = {};
-  std::vector<float> sbuf(G), bbuf(G);
+  std::vector<float> sbuf(Gp), bbuf(Gp);
   for (int64_t j = j0; j < j1; ++j) {
     const uint8_t* wj = q.w + j * row_bytes;
     const float* sc = row_floats(q.scales, q.st, j, G, sbuf.data());
@@ -246,11 +284,9 @@ void qmatvec_rows(const QWeight& q, const float* x, const float* xsum, float* y,
       for (int r = 0; r < M; ++r) acc[r] = fmadd(part[r], s, acc[r]);
     }
     const float* bi = row_floats(q.biases, q.st, j, G, bbuf.data());
-    for (int r = 0; r < M; ++r) {
-      float t = 0.0f;
-      for (int i = 0; i < L; ++i) t += acc[r][i];
-      y[r * q.n + j] = t + dot(bi, xsum + r * G, G);
-    }
+    for (int64_t g = 0; g < Gp; g += L)  // the bias term, lane-wise into the same accumulators
+      for (int r = 0; r < M; ++r) acc[r] = fmadd(qload(bi + g), qload(xsum + r * Gp + g), acc[r]);
+    for (int r = 0; r < M; ++r) y[r * q.n + j] = hsum(acc[r]);
   }
 }
 
@@ -258,9 +294,9 @@ void qmatvec_rows(const QWeight& q, const float* x, const float* xsum, float* y,
 template <int B, int GS>
 void qmatvec_range(const QWeight& q, const float* x, const float* xsum, float* y, int64_t m,
                    int64_t j0, int64_t j1) {
-  int64_t G = q.k / GS;
+  int64_t Gp = padded(q.k / GS);
   for (int64_t r = 0; r < m;) {
-    const float *xr = x + r * q.k, *sr = xsum + r * G;
+    const float *xr = x + r * q.k, *sr = xsum + r * Gp;
     float* yr = y + r * q.n;
     if (m - r >= 8) qmatvec_rows<B, GS, 8>(q, xr, sr, yr, j0, j1), r += 8;
     else if (m - r >= 4) qmatvec_rows<B, GS, 4>(q, xr, sr, yr, j0, j1), r += 4;
@@ -304,29 +340,30 @@ void dequantize_range(const QWeight& q, float* out, int64_t j0, int64_t j1) {
   }
 }
 
-// Runs fn(j0, j1) over output rows split evenly between threads (one thread for small work).
-void parallel_rows(int64_t n, int64_t work, int threads, const std::function<void(int64_t, int64_t)>& fn) {
-  if (threads <= 1 || work < (1 << 20) || n < 2) return fn(0, n);
-  threads = static_cast<int>(std::min<int64_t>(threads, n));
-  std::vector<std::thread> pool;
-  int64_t per = (n + threads - 1) / threads;
-  for (int t = 1; t < threads; ++t) pool.emplace_back(fn, std::min(n, t * per), std::min(n, (t + 1) * per));
-  fn(0, std::min(n, per));
-  for (auto& th : pool) th.join();
+// Weights per chunk of rows: a matrix with fewer stays on the calling thread. Lowering it to 64 Ki
+// (every SmolLM2 projection split) made SmolLM2's decode slower on a loaded machine (bench/NOTES.md,
+// "Issue 14: CPU quantized matvec toward the memory ceiling"); the idle-machine choice is open.
+constexpr int64_t kMinChunk = 1 << 20;
+
+// fn(j0, j1) over the n output rows of a matrix of row length k, split over the worker pool.
+void parallel_rows(int64_t n, int64_t k, int threads, const std::function<void(int64_t, int64_t)>& fn) {
+  mlxgen::parallel_for(n, (kMinChunk + k - 1) / k, threads, fn);
 }
 
 template <int B, int GS>
 void qmatvec_gs(const QWeight& q, const float* x, float* y, int64_t m, int threads) {
-  int64_t G = q.k / GS;
-  std::vector<float> xsum(m * G);  // each group's sum of x, for the bias term
-  for (int64_t i = 0; i < m * G; ++i) {
-    float t = 0.0f;
-    for (int v = 0; v < GS; ++v) t += x[i * GS + v];
-    xsum[i] = t;
-  }
+  int64_t G = q.k / GS, Gp = padded(G);
+  std::vector<float> xsum(m * Gp, 0.0f);  // each group's sum of x, for the bias term
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t g = 0; g < G; ++g) {
+      const float* xg = x + r * q.k + g * GS;
+      qvf t = qload(xg);
+      for (int v = L; v < GS; v += L) t += qload(xg + v);
+      xsum[r * Gp + g] = hsum(t);
+    }
   std::vector<float> buf;
   const float* xb = block_order<B>(x, m * q.k, buf);
-  parallel_rows(q.n, q.n * q.k, threads,
+  parallel_rows(q.n, q.k, threads,
                 [&](int64_t j0, int64_t j1) { qmatvec_range<B, GS>(q, xb, xsum.data(), y, m, j0, j1); });
 }
 
@@ -350,7 +387,7 @@ void qmatvec(const QWeight& q, int bits, const float* x, float* y, int64_t m, in
 
 template <int B>
 void dequantize_bits(const QWeight& q, float* out, int threads) {
-  parallel_rows(q.n, q.n * q.k, threads, [&](int64_t j0, int64_t j1) { dequantize_range<B>(q, out, j0, j1); });
+  parallel_rows(q.n, q.k, threads, [&](int64_t j0, int64_t j1) { dequantize_range<B>(q, out, j0, j1); });
 }
 
 void dequantize(const QWeight& q, int bits, float* out, int threads) {
