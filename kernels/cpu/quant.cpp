@@ -451,8 +451,8 @@ mx::array qmatvec_op(const mx::array& x, const mx::array& w, const mx::array& sc
   if (x.ndim() < 1 || x.shape(-1) != k)
     bad("qmatvec: x's last dimension must be the weight's row length " + std::to_string(k) + ".");
   auto s = cpu_stream();
-  auto xc = mx::contiguous(x, false, s), wc = mx::contiguous(w, false, s);
-  auto sc = mx::contiguous(scales, false, s), bc = mx::contiguous(biases, false, s);
+  // CpuKernel makes the inputs dense at eval, where they rarely need it (no graph node per input)
+  const auto &xc = x, &wc = w, &sc = scales, &bc = biases;
   int64_t n = w.shape(0), m = k ? xc.size() / k : 0;
   auto shape = xc.shape();
   shape.back() = static_cast<int>(n);
@@ -470,7 +470,7 @@ mx::array dequantize_op(const mx::array& w, const mx::array& scales, const mx::a
                         int group_size, int threads) {
   int64_t k = check_weight("dequantize", w, scales, biases, bits, group_size);
   auto s = cpu_stream();
-  auto wc = mx::contiguous(w, false, s), sc = mx::contiguous(scales, false, s), bc = mx::contiguous(biases, false, s);
+  const auto &wc = w, &sc = scales, &bc = biases;  // made dense at eval by CpuKernel
   ScaleType st = scale_type(scales);
   Kernel fn = [=](const std::vector<mx::array>& in, float* out) -> Task {
     return [=, q = weight_view(in, st, k, group_size)] { dequantize(q, bits, out, threads); };
