@@ -31,6 +31,8 @@ STRATEGIES = ("deviation", "first", "mixed")
 DEFAULT_STRATEGY = "mixed"
 CHECK_LAYERS = 2  # layer 0's K/V do not depend on context; deviations first show at layer 1
 SINK_TOKENS = 4
+CONTEXT_FIRST = 4  # "auto", chunks stored after a context: first tokens per chunk
+AUTO_TAIL = 0  # "auto": tokens at the end of the last chunk
 
 
 class ScatterView:
@@ -94,16 +96,18 @@ def recompute_placed(
     fraction: float | str,
     strategy: str,
     block: int,
+    contexted: bool = False,
 ) -> tuple[int, mx.array]:
     """Compute the text and recompute chunk tokens; spans: (start, length) of each placed chunk.
     Returns (chunk tokens recomputed through every layer, the last layer's hidden state of the
-    last text position (1, 1, D)): the prompt's last token is always text."""
+    last text position (1, 1, D)): the prompt's last token is always text. contexted: the chunks
+    were stored after a context (no spurious sinks), which "auto" takes into account."""
     n_chunk = sum(n for _, n in spans)
     embed = model.model.embed
     n_layers = len(model.layers)
     ids = mx.array(list(ids))
     if fraction == AUTO:
-        chosen = _first_count(spans, SINK_TOKENS)
+        chosen = auto_tokens(spans, contexted)
     else:
         budget = min(n_chunk, math.ceil(fraction * n_chunk - 1e-9))
         if strategy == "first" or budget in (0, n_chunk):
@@ -134,6 +138,16 @@ def _recompute_deviation(model, cache, ids, spans, text_positions, budget, strat
     h = h[:, mx.array([index[p] for p in selected])]
     h = forward_at(model, cache, selected, h, range(c, n_layers), block)
     return len(chosen), h[:, -1:]
+
+
+def auto_tokens(spans: Sequence[tuple[int, int]], contexted: bool) -> list[int]:
+    """recompute="auto": the chunk tokens to recompute, from the prompt's shape alone."""
+    if not spans:
+        return []
+    first = _first_count(spans, CONTEXT_FIRST if contexted else SINK_TOKENS)
+    start, n = spans[-1]
+    tail = range(start + max(0, n - AUTO_TAIL), start + n)  # right before the question
+    return sorted(set(first) | set(tail))
 
 
 def _all(spans: Sequence[tuple[int, int]]) -> list[int]:
