@@ -16,7 +16,9 @@ from mlxgen.cache import make_cache
 from mlxgen.prefill import prefill
 from mlxgen.reuse import ChunkStore
 from mlxgen.reuse.compose import Composition, Segment
-from mlxgen.reuse.recompute import CHECK_LAYERS, SINK_TOKENS, _first_tokens, _pick
+from mlxgen.reuse.recompute import (
+    CHECK_LAYERS, CONTEXT_FIRST, SINK_TOKENS, _first_tokens, _pick,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -235,5 +237,21 @@ def test_context_stored_chunks(arch):
     assert 0 < err["context"] < err["alone"]
     first, c1, l1 = run(model, ids, segments(ctx), recompute="auto")
     again, c2, l2 = run(model, ids, segments(ctx), recompute="auto")
-    assert first.cached_tokens == again.cached_tokens and mx.array_equal(l1, l2).item()
+    assert first.cached_tokens == again.cached_tokens == 22 + 24 - CONTEXT_FIRST
+    assert mx.array_equal(l1, l2).item()
     assert all(mx.array_equal(a.keys, b.keys).item() for a, b in zip(c1, c2))
+
+
+def test_bench_settings_grid():
+    from mlxgen.bench.reuse import parse_settings, settings_for
+    from mlxgen.errors import MlxgenError
+
+    grid = settings_for([0.0, 0.05], ["first"], ["alone", "context"])
+    assert grid == [("alone", "none", 0.0), ("alone", "first", 0.05), ("alone", "auto", "auto"),
+                    ("context", "none", 0.0), ("context", "first", 0.05),
+                    ("context", "auto", "auto")]
+    assert parse_settings("alone/mixed/0.15,context/none,context/auto") == [
+        ("alone", "mixed", 0.15), ("context", "none", 0.0), ("context", "auto", "auto")]
+    for bad in ("elsewhere/none", "alone/first", "alone/first/2", "alone/random/0.1"):
+        with pytest.raises(MlxgenError, match="--settings"):
+            parse_settings(bad)
