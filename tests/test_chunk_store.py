@@ -1,6 +1,7 @@
 """ChunkStore: encoding, LRU by bytes, persistence and its failure modes, segment prompts through
 generate / stream_generate, and bad input."""
 
+import dataclasses
 import json
 import logging
 
@@ -202,3 +203,46 @@ def test_bad_input(tiny):
     forged = type(chunk)(chunk.key, (1, 2, 3), chunk.fingerprint, store)
     with pytest.raises(ChunkStoreError, match="altered"):
         store.get(forged)
+
+
+def test_context_keyed_store(tiny, tmp_path):
+    """A chunk stored after a context holds the K/V its tokens get after that context (the
+    context's own dropped), is keyed by the context too (never served for another one, in memory
+    or on disk), and is exact when placed right after that context."""
+    model, tok = tiny
+    head, doc = tok.encode("<|user|>Read: ", parse_special=True), token_ids(12, seed=4)
+    store = ChunkStore(model, tok, path=tmp_path)
+    alone, after = store.add(doc), store.add(doc, context=head)
+    other = store.add(doc, context=head[:-1])
+    assert len({alone.key, after.key, other.key}) == 3 and store.encoded == 3
+    assert after.context == tuple(head) and alone.context == ()
+    assert store.add(doc, context=head) == after and store.encoded == 3
+    cache = make_cache(len(model.layers), "pre-rope")
+    model(mx.array(head + doc)[None], cache)
+    kv, n = store.get(after), len(head)
+    for i, c in enumerate(cache):
+        assert max_diff(kv.keys[i], c.keys[0, :, n : n + 12]) < TOL
+        assert max_diff(kv.values[i], c.values[0, :, n : n + 12]) < TOL
+    assert max_diff(store.get(alone).keys, kv.keys) > 1e-3 < max_diff(store.get(other).keys, kv.keys)
+    # A (context, ids) split of the same tokens is another chunk.
+    assert store.add(head[-1:] + doc, context=head[:-1]).key != after.key
+    # A handle whose context was swapped is refused, not served with the other's K/V.
+    forged = dataclasses.replace(after, context=tuple(head[:-1]))
+    with pytest.raises(ChunkStoreError, match="altered"):
+        store.get(forged)
+    # On disk: a file of another context under this chunk's name is set aside, never served.
+    again = ChunkStore(model, tok, path=tmp_path)
+    file = tmp_path / f"{after.key}.safetensors"
+    file.write_bytes((tmp_path / f"{other.key}.safetensors").read_bytes())
+    assert max_diff(again.get(after).keys, kv.keys) < TOL and again.encoded == 1
+    assert file.with_suffix(".foreign").exists()
+    # The store's default context; placed after exactly that context, the chunk is exact.
+    by_default = ChunkStore(model, tok, context=head).add(doc)
+    assert by_default.key == after.key
+    q = tok.encode(" Where?", add_special_tokens=False)
+    prompt = [head, after, q]
+    want = [r.token for r in mlxgen.stream_generate(model, tok, head + doc + q, max_tokens=6)]
+    got = list(mlxgen.stream_generate(model, tok, prompt, max_tokens=6, recompute=0.0))
+    assert [r.token for r in got] == want and got[-1].stats.cached_tokens == len(doc)
+    with pytest.raises(MlxgenError, match="token ids"):
+        store.add(doc, context=[1, 2, 10_000])

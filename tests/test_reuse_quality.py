@@ -16,7 +16,9 @@ from mlxgen.cache import make_cache
 from mlxgen.prefill import prefill
 from mlxgen.reuse import ChunkStore
 from mlxgen.reuse.compose import Composition, Segment
-from mlxgen.reuse.recompute import CHECK_LAYERS, SINK_TOKENS, _first_tokens, _pick
+from mlxgen.reuse.recompute import (
+    CHECK_LAYERS, CONTEXT_FIRST, SINK_TOKENS, _first_tokens, _pick,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,3 +211,47 @@ def test_notebook_executes():
                             resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_context_stored_chunks(arch):
+    """Chunks stored after the prompt's head: recompute=1.0 is still a full prefill; the first
+    chunk (right after that head) is exact and never recomputed; recompute 0 is closer to the full
+    prefill than chunks stored alone; "auto" is deterministic."""
+    model = tiny_model(arch, num_hidden_layers=4)
+    ids = token_ids(64, seed=5)
+    head = ids[:8]
+    alone, ctx = ChunkStore(model, None), ChunkStore(model, None, context=head)
+
+    def segments(store):
+        return [Segment(head), Segment(ids[8:30], store.add(ids[8:30])), Segment(ids[30:32]),
+                Segment(ids[32:56], store.add(ids[32:56])), Segment(ids[56:])]
+
+    want = model(mx.array(ids)[None])[:, -1]
+    _, _, logits = run(model, ids, segments(ctx), recompute=1.0, prefill_chunk_size=7)
+    assert max_diff(logits, want) < 1e-4
+    composition, _, _ = run(model, ids, segments(ctx), recompute=1.0)
+    assert composition.cached_tokens == 22  # the first chunk: exact as stored
+    err = {name: kl_to_full(model, ids, run(model, ids, segments(s), recompute=0.0)[2])
+           for name, s in (("alone", alone), ("context", ctx))}
+    assert 0 < err["context"] < err["alone"]
+    first, c1, l1 = run(model, ids, segments(ctx), recompute="auto")
+    again, c2, l2 = run(model, ids, segments(ctx), recompute="auto")
+    assert first.cached_tokens == again.cached_tokens == 22 + 24 - CONTEXT_FIRST
+    assert mx.array_equal(l1, l2).item()
+    assert all(mx.array_equal(a.keys, b.keys).item() for a, b in zip(c1, c2))
+
+
+def test_bench_settings_grid():
+    from mlxgen.bench.reuse import parse_settings, settings_for
+    from mlxgen.errors import MlxgenError
+
+    grid = settings_for([0.0, 0.05], ["first"], ["alone", "context"])
+    assert grid == [("alone", "none", 0.0), ("alone", "first", 0.05), ("alone", "auto", "auto"),
+                    ("context", "none", 0.0), ("context", "first", 0.05),
+                    ("context", "auto", "auto")]
+    assert parse_settings("alone/mixed/0.15,context/none,context/auto") == [
+        ("alone", "mixed", 0.15), ("context", "none", 0.0), ("context", "auto", "auto")]
+    for bad in ("elsewhere/none", "alone/first", "alone/first/2", "alone/random/0.1"):
+        with pytest.raises(MlxgenError, match="--settings"):
+            parse_settings(bad)

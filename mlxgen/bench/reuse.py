@@ -4,7 +4,8 @@
   across ~30-token questions over two unrelated document sets (reuse_docs), chat-templated; TTFT
   cold (full prefill of the same tokens) vs reused, and quality against the full prefill
   (reuse_quality: teacher-forced greedy agreement with its spread, identical prefix, first-token
-  agreement, KL) for recompute 0 .. 0.3 of each strategy and for recompute="auto";
+  agreement, KL) for recompute 0 .. 0.3 of each strategy and for recompute="auto", with the
+  documents stored alone and stored after the prompt's template head (ChunkStore context);
 - chat: a 5-turn assistant conversation (~100-token system prompt, ~20-token user turns, replies
   of up to 50 tokens), then 5 turns on top of a ~2,000-token history; prefilled tokens and TTFT
   per turn, cold (fresh prefill of the whole conversation) vs Session.
@@ -37,52 +38,83 @@ from .reuse_quality import composed_quality, rag_segments, reference, summarize
 from .reuse_report import write_report
 
 FRACTIONS = (0.0, 0.05, 0.15, 0.3)
+STORES = ("alone", "context")  # documents encoded alone, or after the prompt's template head
+
+Setting = tuple[str, str, object]  # (store, strategy, recompute)
 
 
-def settings_for(fractions: Sequence[float], strategies: Sequence[str]) -> list[tuple[str, object]]:
-    """(strategy, recompute) rows of the frontier: recompute 0 once (it is the same for every
-    strategy), each strategy at each other fraction, and "auto"."""
-    rows: list[tuple[str, object]] = [("none", 0.0)] if 0.0 in fractions else []
-    rows += [(s, f) for s in strategies for f in fractions if f > 0]
-    return rows + [("auto", "auto")]
+def settings_for(fractions: Sequence[float], strategies: Sequence[str],
+                 stores: Sequence[str] = STORES) -> list[Setting]:
+    """(store, strategy, recompute) rows of the frontier, per store: recompute 0 once (it is the
+    same for every strategy), each strategy at each other fraction, and "auto"."""
+    rows: list[Setting] = []
+    for store in stores:
+        rows += [(store, "none", 0.0)] if 0.0 in fractions else []
+        rows += [(store, s, f) for s in strategies for f in fractions if f > 0]
+        rows += [(store, "auto", "auto")]
+    return rows
 
 
-def run_rag(model, tokenizer, fractions: Sequence[float], strategies: Sequence[str], reps: int,
-            n_questions: int, doc_tokens: int, n_docs: int, log, progress=None) -> dict:
+def parse_settings(text: str) -> list[Setting]:
+    """--settings "alone/mixed/0.15,context/none/0,context/auto" -> rows."""
+    rows: list[Setting] = []
+    for item in filter(None, text.split(",")):
+        parts = item.split("/")
+        store, strategy = parts[0], parts[1] if len(parts) > 1 else ""
+        ok = store in STORES and (strategy in ("none", "auto") or strategy in STRATEGIES)
+        try:
+            f = "auto" if strategy == "auto" else 0.0 if strategy == "none" else float(parts[2])
+        except (IndexError, ValueError):
+            ok = False
+        if not ok or (strategy in STRATEGIES and not 0 < f <= 1):
+            raise MlxgenError(f"--settings item {item!r}: expected STORE/none, STORE/auto or "
+                              f"STORE/STRATEGY/FRACTION (stores {', '.join(STORES)}; strategies "
+                              f"{', '.join(STRATEGIES)}; 0 < FRACTION <= 1).")
+        rows.append((store, strategy, f))
+    return rows
+
+
+def run_rag(model, tokenizer, grid: Sequence[Setting], reps: int, n_questions: int,
+            doc_tokens: int, n_docs: int, log, progress=None) -> dict:
     """TTFT here is prompt -> first-token logits evaluated (tokenizing, composing / prefilling,
     LM head), the same span stream_generate's TTFT covers minus sampling one token.
     n_questions per document set (two sets: reuse_docs.doc_sets), alternating between the sets;
+    the full-prefill reference of each question is computed once and shared by every setting;
     progress(result so far) is called after each question."""
     stop = tokenizer.eos_token_ids
     mx.eval(prefill(model, list(range(64)), make_cache(len(model.layers))))  # warm-up
-    grid = settings_for(fractions, strategies)
-    rows: dict[str, list[dict]] = {_key(s, f): [] for s, f in grid}
-    questions, encode_s = [], 0.0
+    rows: dict[str, list[dict]] = {_key(*g): [] for g in grid}
+    stores = list(dict.fromkeys(g[0] for g in grid))
+    questions, encode_s = [], {s: 0.0 for s in stores}
     sets = doc_sets(n_docs)
     prompts = []  # (set name, question, stored documents)
     for docset in sets:
-        store = ChunkStore(model, tokenizer)
+        by_store = {s: ChunkStore(model, tokenizer) for s in stores}
         docs = [fit(tokenizer, d, doc_tokens) for d in docset.docs]
-        start = time.perf_counter()
-        rag_segments(tokenizer, store, docset.questions[0], docs, doc_tokens)
-        encode_s += time.perf_counter() - start
-        prompts.append([(docset.name, q, store, docs) for q in docset.questions[:n_questions]])
-    log(f"  stored {sum(len(d.docs) for d in sets)} documents in {encode_s:.2f} s (one-time)")
+        for s, store in by_store.items():
+            start = time.perf_counter()
+            rag_segments(tokenizer, store, docset.questions[0], docs, doc_tokens,
+                         context=s == "context")
+            encode_s[s] += time.perf_counter() - start
+        prompts.append([(docset.name, q, by_store, docs) for q in docset.questions[:n_questions]])
+    log(f"  stored {sum(len(d.docs) for d in sets)} documents per store in "
+        + ", ".join(f"{s} {t:.2f} s" for s, t in encode_s.items()) + " (one-time)")
 
     def result() -> dict:
-        done = [(s, f) for s, f in grid if rows[_key(s, f)]]
-        return {"strategies": list(strategies), "doc_tokens": doc_tokens, "n_docs": n_docs,
+        done = [g for g in grid if rows[_key(*g)]]
+        return {"stores": stores, "doc_tokens": doc_tokens, "n_docs": n_docs,
                 "encode_s": encode_s, "sets": [d.name for d in sets],
                 "cold_ttft_s": statistics.median(q["cold_ttft_s"] for q in questions),
                 "questions": questions, "per_question": rows,
-                "table": [dict(summarize(rows[_key(s, f)]), strategy=s, recompute=f)
-                          for s, f in done]}
+                "table": [dict(summarize(rows[_key(*g)]), store=g[0], strategy=g[1],
+                               recompute=g[2]) for g in done]}
 
-    for qi, (name, question, store, docs) in enumerate(
+    for qi, (name, question, by_store, docs) in enumerate(
             p for pair in zip(*prompts) for p in pair):  # alternate: a cut run covers both sets
-        segments = rag_segments(tokenizer, store, question, docs, doc_tokens)
-        ids = plan(model, tokenizer, segments, parse_special=True).ids  # template head/tail
-        n_chunk = sum(len(s) for s in segments if not isinstance(s, str))
+        segs = {s: rag_segments(tokenizer, store, question, docs, doc_tokens,
+                                context=s == "context") for s, store in by_store.items()}
+        ids = plan(model, tokenizer, segs[stores[0]], parse_special=True).ids  # template head/tail
+        n_chunk = sum(len(s) for s in segs[stores[0]] if not isinstance(s, str))
         cont, ref, first = reference(model, ids, stop=stop)
         colds = [first] + [reference(model, ids, 1)[2] for _ in range(reps - 1)]
         cold = statistics.median(colds)
@@ -90,17 +122,17 @@ def run_rag(model, tokenizer, fractions: Sequence[float], strategies: Sequence[s
                           "cold_ttft_s": cold, "reference": tokenizer.decode(cont)})
         log(f"  {name} Q{qi + 1}: {len(ids)} tokens, cold TTFT {cold:.3f} s, "
             f"reference {tokenizer.decode(cont)!r}")
-        for strategy, f in grid:
+        for store, strategy, f in grid:
             kw = dict(recompute=f, recompute_strategy=None if strategy in ("none", "auto")
                       else strategy)
-            runs = [composed_quality(model, tokenizer, segments, cont, ref, **kw)
+            runs = [composed_quality(model, tokenizer, segs[store], cont, ref, **kw)
                     for _ in range(reps)]
             quality, _, cached = runs[0]
             reused = statistics.median(r[1] for r in runs)
-            rows[_key(strategy, f)].append(dict(
+            rows[_key(store, strategy, f)].append(dict(
                 vars(quality), ttft_s=reused, cached_tokens=cached, speedup=cold / reused,
                 recomputed=1 - cached / n_chunk))
-            log(f"    {_key(strategy, f)}: TTFT {reused:.3f} s ({cold / reused:.1f}x), "
+            log(f"    {_key(store, strategy, f)}: TTFT {reused:.3f} s ({cold / reused:.1f}x), "
                 f"agreement {quality.agreement:.2f} of {quality.n}, prefix {quality.prefix}, "
                 f"KL {quality.kl:.3f}")
         if progress:
@@ -108,8 +140,8 @@ def run_rag(model, tokenizer, fractions: Sequence[float], strategies: Sequence[s
     return result()
 
 
-def _key(strategy: str, f) -> str:
-    return strategy if strategy in ("none", "auto") else f"{strategy} {f:.2f}"
+def _key(store: str, strategy: str, f) -> str:
+    return f"{store} " + (strategy if strategy in ("none", "auto") else f"{strategy} {f:.2f}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute fractions for the RAG table")
     p.add_argument("--strategies", default=",".join(STRATEGIES),
                    help="recompute strategies for the frontier (comma list; auto is always run)")
+    p.add_argument("--stores", default=",".join(STORES),
+                   help="how documents are stored: alone (encoded on their own) and/or context "
+                   "(encoded after the prompt's template head)")
+    p.add_argument("--settings", default="",
+                   help="explicit rows instead of the grid: comma list of STORE/none, STORE/auto, "
+                   "STORE/STRATEGY/FRACTION (e.g. alone/mixed/0.15,context/auto)")
     p.add_argument("--questions", type=int, default=10, help="questions per document set (2 sets)")
     p.add_argument("--docs", default="4", help="documents per prompt, comma list (4: ~2.1k "
                    "tokens, 16: ~8.2k)")
@@ -142,6 +180,10 @@ def run_cli(argv: Sequence[str]) -> int:
     if not parts <= {"rag", "chat"}:
         raise MlxgenError(f"--parts takes rag and/or chat; got {args.parts!r}.")
     strategies = [check_strategy(s) for s in args.strategies.split(",") if s]
+    stores = [s for s in args.stores.split(",") if s]
+    if not stores or not set(stores) <= set(STORES):
+        raise MlxgenError(f"--stores takes {' and/or '.join(STORES)}; got {args.stores!r}.")
+    grid = parse_settings(args.settings) or settings_for(fractions, strategies, stores)
     try:
         n_docs = [int(n) for n in args.docs.split(",")]
     except ValueError:
@@ -177,8 +219,8 @@ def run_cli(argv: Sequence[str]) -> int:
                     result["rag"][-1] = rag
                     save()
 
-                run_rag(model, tokenizer, fractions, strategies, args.reps, args.questions,
-                        args.doc_tokens, n, log, progress)
+                run_rag(model, tokenizer, grid, args.reps, args.questions, args.doc_tokens, n,
+                        log, progress)
         if "chat" in parts:
             result["chat"] = run_chat(model, tokenizer, log)
             save()

@@ -41,22 +41,24 @@ class Quality:
 
 
 def rag_segments(tokenizer, store: ChunkStore, question: str, docs: Sequence[str] = DOCS,
-                 doc_tokens: int = 512, system: str = SYSTEM) -> list:
+                 doc_tokens: int = 512, system: str = SYSTEM, context: bool = False) -> list:
     """[chat-template head, doc 1, sep, doc 2, ..., question + template tail] with each document
     a stored chunk of exactly `doc_tokens` tokens. The head and tail are rendered template text:
-    compose them with parse_special=True."""
+    compose them with parse_special=True. context: store each document after the head (its
+    tokens as the prompt's start), so the first document is exact and none is a sink."""
     marker = "\x00DOCS\x00"
     rendered = tokenizer.apply_chat_template([
         {"role": "system", "content": system},
         {"role": "user", "content": f"Documents:\n\n{marker}\n\nQuestion: {question}"},
     ])
     head, tail = rendered.split(marker)
+    head_ids = tokenizer.encode(head, add_special_tokens=True, parse_special=True)
     segments: list = [head]
     for i, doc in enumerate(docs):
         if i:
             segments.append("\n\n")
         ids = tokenizer.encode(doc, add_special_tokens=False)[:doc_tokens]
-        segments.append(store.add(ids))
+        segments.append(store.add(ids, context=head_ids if context else ()))
     segments.append(tail)
     return segments
 

@@ -19,14 +19,14 @@ def rag_table(rag: dict) -> str:
         f"median) {rag['cold_ttft_s']:.3f} s. Quality against that full prefill over the first "
         "32 answer tokens (teacher-forced).",
         "",
-        "| strategy | recompute (share recomputed) | agreement mean / min / p10 | first token "
+        "| store | strategy | recompute (share recomputed) | agreement mean / min / p10 | first token "
         "| identical prefix | mean KL (max) | first-token KL | TTFT | speedup |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rag["table"]:
         f = r["recompute"]
         lines.append(
-            f"| {r['strategy']} | {f if isinstance(f, str) else f'{f:.2f}'} "
+            f"| {r.get('store', 'alone')} | {r['strategy']} | {f if isinstance(f, str) else f'{f:.2f}'} "
             f"({r['recomputed']:.1%}) | {r['agreement']:.1%} / {r['agreement_min']:.1%} / "
             f"{r['agreement_p10']:.1%} | {r['first_agreement']:.0%} | {r['prefix']:.1f} / "
             f"{r['n']:.1f} | {abs(r['kl']):.4f} ({r['kl_max']:.3f}) | {abs(r['kl_first']):.4f} | "

@@ -2,9 +2,12 @@
 
 A chunk is encoded alone at positions 0..n-1 with a pre-RoPE cache, so its stored keys carry no
 absolute position (its tokens' relative positions act only through attention inside the chunk).
-Entries are keyed by the model fingerprint plus the token ids, kept in an LRU bounded by bytes,
-and optionally persisted as safetensors files (persist.py). An evicted chunk is reloaded from
-disk or re-encoded from its token ids, so a handle never goes stale."""
+It may instead be encoded after a context (e.g. the chat-template head that will precede it in the
+prompt), whose K/V are then dropped: the chunk's first token is then no spurious attention sink,
+and a chunk placed right after that same context is exact (APE, Yang et al. 2025, shares the
+prefix this way). Entries are keyed by the model fingerprint, the context and the token ids, kept
+in an LRU bounded by bytes, and optionally persisted as safetensors files (persist.py). An evicted
+chunk is reloaded from disk or re-encoded from its ids, so a handle never goes stale."""
 
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ class Chunk:
     token_ids: tuple[int, ...]
     fingerprint: str
     store: "ChunkStore" = field(compare=False, repr=False)
+    context: tuple[int, ...] = ()  # tokens the chunk was encoded after (their K/V not stored)
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -51,22 +55,38 @@ class ChunkKV:
         return self.keys.nbytes + self.values.nbytes
 
 
-def chunk_key(fingerprint: str, token_ids: Sequence[int]) -> str:
-    ids = mx.array(list(token_ids), dtype=mx.int32)
-    return hashlib.sha256(fingerprint.encode() + bytes(memoryview(ids))).hexdigest()[:40]
+def _id_bytes(ids: Sequence[int]) -> bytes:
+    return bytes(memoryview(mx.array(list(ids), dtype=mx.int32)))
 
 
-def encode_chunk(model, token_ids: Sequence[int], chunk_size: int | None = None) -> ChunkKV:
-    """Run the tokens alone from position 0 and keep every layer's unrotated K/V."""
+def chunk_key(fingerprint: str, token_ids: Sequence[int], context: Sequence[int] = ()) -> str:
+    """The store key: model, context and tokens (no context: the key chunks always had)."""
+    data = fingerprint.encode()
+    if context:  # the length keeps (context, ids) splits of one sequence apart
+        data += b"|context|%d|" % len(context) + _id_bytes(context)
+    return hashlib.sha256(data + _id_bytes(token_ids)).hexdigest()[:40]
+
+
+def context_tag(fingerprint: str, context: Sequence[int]) -> str:
+    """The fingerprint a chunk file records: the model's, plus the context's digest if any."""
+    if not context:
+        return fingerprint
+    return f"{fingerprint}+context:{hashlib.sha256(_id_bytes(context)).hexdigest()[:16]}"
+
+
+def encode_chunk(model, token_ids: Sequence[int], chunk_size: int | None = None,
+                 context: Sequence[int] = ()) -> ChunkKV:
+    """Run the context then the tokens from position 0; keep every layer's unrotated K/V of the
+    tokens only."""
     step = chunk_size_for(model, chunk_size)
     cache = model.make_cache("pre-rope", keep_all=True)  # every token's K/V, windowed or not
-    tokens = mx.array(list(token_ids))
+    tokens = mx.array(list(context) + list(token_ids))
     for start in range(0, tokens.size, step):
         model.model(tokens[None, start : start + step], cache)  # hidden states are not needed
         mx.async_eval(cache_state(cache))
-    n = tokens.size
-    kv = ChunkKV(mx.stack([c.keys[0, :, :n] for c in cache]),
-                 mx.stack([c.values[0, :, :n] for c in cache]))
+    a, b = len(context), tokens.size
+    kv = ChunkKV(mx.stack([c.keys[0, :, a:b] for c in cache]),
+                 mx.stack([c.values[0, :, a:b] for c in cache]))
     mx.eval(kv.keys, kv.values)
     return kv
 
@@ -75,7 +95,8 @@ class ChunkStore:
     """store = ChunkStore(model, tokenizer, max_bytes=None, path=None); chunk = store.add(text).
 
     max_bytes bounds the in-memory LRU (default MLXGEN_CHUNK_STORE_BYTES, else 1 GiB); path, a
-    directory, persists every chunk as a safetensors file, found again by later stores."""
+    directory, persists every chunk as a safetensors file, found again by later stores.
+    context (text or token ids): what add() encodes chunks after by default (see add)."""
 
     def __init__(
         self,
@@ -84,6 +105,7 @@ class ChunkStore:
         max_bytes: int | str | None = None,
         path: str | os.PathLike | None = None,
         prefill_chunk_size: int | None = None,
+        context: str | Sequence[int] | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.max_bytes = settings.chunk_store_bytes(max_bytes)
@@ -100,12 +122,21 @@ class ChunkStore:
         self._entries: OrderedDict[str, ChunkKV] = OrderedDict()
         self.nbytes = 0  # bytes held in memory
         self.encoded = 0  # chunks encoded by this store (the rest came from memory or disk)
+        self.context = self._context_ids(context, False)
 
-    def add(self, chunk: str | Sequence[int], *, parse_special: bool = False) -> Chunk:
+    def add(self, chunk: str | Sequence[int], *, parse_special: bool = False,
+            context: str | Sequence[int] | None = None) -> Chunk:
         """Encode text (no special tokens added; control-token text kept literal unless
-        parse_special) or token ids once; return its handle."""
+        parse_special) or token ids once; return its handle.
+
+        context (text, encoded as a prompt's start: BOS added; or token ids; default the
+        store's): the chunk is encoded after these tokens, whose K/V are not kept. Best: the
+        tokens the prompt puts before its documents (chat-template head, system prompt); the
+        chunk placed right after exactly those tokens is then exact. An empty context (or
+        none) encodes the chunk alone."""
         ids = self._token_ids(chunk, parse_special)
-        handle = Chunk(self._key(ids), tuple(ids), self.fingerprint, self)
+        ctx = self.context if context is None else self._context_ids(context, parse_special)
+        handle = Chunk(self._key(ids, ctx), tuple(ids), self.fingerprint, self, ctx)
         self.get(handle)
         return handle
 
@@ -119,12 +150,13 @@ class ChunkStore:
         self._check_fits(len(chunk))
         kv = self._read(chunk)
         if kv is None:
-            kv = encode_chunk(self.model, chunk.token_ids, self.prefill_chunk_size)
+            kv = encode_chunk(self.model, chunk.token_ids, self.prefill_chunk_size, chunk.context)
             self.encoded += 1
             if self.path is not None:
                 try:
-                    persist.save_chunk(self._file(chunk.key), kv.keys, kv.values,
-                                       chunk.token_ids, self.fingerprint, self._key_bytes)
+                    persist.save_chunk(self._file(chunk.key), kv.keys, kv.values, chunk.token_ids,
+                                       context_tag(self.fingerprint, chunk.context),
+                                       self._key_bytes)
                 except ChunkStoreError as e:  # keep the encoded K/V: it is good, only unsaved
                     log.warning("mlxgen: %s The chunk is kept in memory only.", e)
         self._insert(chunk.key, kv)
@@ -141,8 +173,9 @@ class ChunkStore:
                 f"this chunk was encoded by another model (fingerprint {chunk.fingerprint}, this "
                 f"store's model has {self.fingerprint}); add its text to this model's store."
             )
-        if chunk.key != self._key(chunk.token_ids):
-            raise ChunkStoreError("this chunk handle was altered: its key does not match its ids.")
+        if chunk.key != self._key(chunk.token_ids, chunk.context):
+            raise ChunkStoreError("this chunk handle was altered: its key does not match its ids "
+                                  "and context.")
 
     def __contains__(self, chunk: Chunk) -> bool:
         return isinstance(chunk, Chunk) and chunk.key in self._entries
@@ -171,8 +204,22 @@ class ChunkStore:
             raise MlxgenError("a chunk needs at least one token.")
         return ids
 
-    def _key(self, token_ids: Sequence[int]) -> str:
-        return chunk_key(self.fingerprint, token_ids)
+    def _context_ids(self, context: str | Sequence[int] | None, parse_special: bool
+                     ) -> tuple[int, ...]:
+        if context is None or (isinstance(context, str) and not context):
+            return ()
+        if isinstance(context, str):
+            if self.tokenizer is None:
+                raise MlxgenError("a text context needs the store's tokenizer; give token ids.")
+            return tuple(self.tokenizer.encode(check_text(context, "chunk context"),
+                                               add_special_tokens=True,
+                                               parse_special=parse_special))
+        if isinstance(context, (list, tuple, mx.array)) and len(context) == 0:
+            return ()
+        return tuple(self._token_ids(context, parse_special))
+
+    def _key(self, token_ids: Sequence[int], context: Sequence[int] = ()) -> str:
+        return chunk_key(self.fingerprint, token_ids, context)
 
     def _file(self, key: str) -> Path:
         return self.path / f"{key}.safetensors"
@@ -182,7 +229,8 @@ class ChunkStore:
             return None
         file = self._file(chunk.key)
         try:
-            return ChunkKV(*persist.load_chunk(file, self.fingerprint, chunk.token_ids,
+            return ChunkKV(*persist.load_chunk(file, context_tag(self.fingerprint, chunk.context),
+                                               chunk.token_ids,
                                                self._kv_shape(), self._kv_dtype(),
                                                self._key_bytes))
         except (CorruptChunkError, persist.ForeignChunkError) as e:

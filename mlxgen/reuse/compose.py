@@ -62,7 +62,8 @@ class Composition:
         kinds = [s.chunk is not None for s in self.segments]
         if not settings.cache_reuse(cache_reuse) or not any(kinds):
             return cache, prefill(model, self.ids, cache, block)
-        spans, text = [], []
+        spans, text = [], []  # spans: (start, length) of chunks not exact as stored
+        spliced = 0
         for i, seg in enumerate(self.segments):
             start = cache[0].offset
             n = 0  # tokens spliced from the store
@@ -71,13 +72,15 @@ class Composition:
                 n = len(seg.ids) - (i == len(self.segments) - 1)
                 if n:
                     _splice(model, cache, seg.chunk, n)
-                    spans.append((start, n))
+                    spliced += n
+                    if not _exact(seg.chunk, self.ids, start):
+                        spans.append((start, n))
             _place_zeros(model, cache, len(seg.ids) - n)  # placeholders: computed below
             text.extend(range(start + n, start + len(seg.ids)))
-        # A chunk at position 0 saw all its context when it was encoded: it is exact as stored.
-        recomputed, hidden = recompute_placed(model, cache, self.ids, [s for s in spans if s[0] > 0],
-                                              text, fraction, strategy, block)
-        self.cached_tokens = sum(n for _, n in spans) - recomputed
+        contexted = all(s.chunk.context for s in self.segments if s.chunk is not None)
+        recomputed, hidden = recompute_placed(model, cache, self.ids, spans, text, fraction,
+                                              strategy, block, contexted)
+        self.cached_tokens = spliced - recomputed
         return cache, model.logits(hidden)[:, -1, :]
 
 
@@ -116,6 +119,12 @@ def plan(model, tokenizer, segments: list | tuple, parse_special: bool = False) 
     if not out:
         raise MlxgenError("the prompt is empty; give at least one token.")
     return Composition(out, [t for s in out for t in s.ids])
+
+
+def _exact(chunk: Chunk, ids: list[int], start: int) -> bool:
+    """A chunk preceded by exactly the context it was encoded after (none: it starts the prompt)
+    saw all it would see in a full prefill: its stored K/V are exact."""
+    return len(chunk.context) == start and tuple(ids[:start]) == chunk.context
 
 
 def _splice(model, cache: list[KVCache], chunk: Chunk, n: int) -> None:

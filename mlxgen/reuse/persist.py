@@ -96,9 +96,9 @@ def load_chunk(
                       f"version {FORMAT_VERSION}")
     if meta.get("fingerprint") != fingerprint:
         raise ForeignChunkError(
-            f"chunk file {file} was encoded by another model (fingerprint "
-            f"{meta.get('fingerprint')}, this model's is {fingerprint}); its K/V mean nothing to "
-            "this model. Keep one store directory per model."
+            f"chunk file {file} was encoded by another model or after another context "
+            f"(fingerprint {meta.get('fingerprint')}, this chunk's is {fingerprint}); its K/V "
+            "mean nothing here. Keep one store directory per model."
         )
     if set(arrays) != {"keys", "values", "token_ids"}:
         raise corrupt(f"holds tensors {sorted(arrays)}, expected keys, values, token_ids")

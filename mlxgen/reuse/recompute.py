@@ -8,8 +8,9 @@ through every layer, attending to everything before them, recovers most of the d
 - "first" (EPIC): the first tokens of each chunk, which act as spurious attention sinks when a
   chunk is encoded alone;
 - "mixed": each chunk's first SINK_TOKENS tokens plus the highest-deviation ones;
-- recompute="auto": each chunk's first SINK_TOKENS tokens (no selection pass): the cheapest
-  setting that removes the spurious sinks, where most of the deviation sits (bench/NOTES.md).
+- recompute="auto": each chunk's first tokens (no selection pass): SINK_TOKENS for chunks stored
+  alone (removes the spurious sinks), CONTEXT_FIRST for chunks stored after a context
+  (bench/NOTES.md).
 Text (before, between and after the chunks) is always computed here, in the same pass as the
 recomputed chunk tokens: one pass through the layers for the whole prompt. Recomputed tokens sit
 at scattered positions, so they are run through the layers with an explicit mask via ScatterView."""
@@ -31,6 +32,7 @@ STRATEGIES = ("deviation", "first", "mixed")
 DEFAULT_STRATEGY = "mixed"
 CHECK_LAYERS = 2  # layer 0's K/V do not depend on context; deviations first show at layer 1
 SINK_TOKENS = 4
+CONTEXT_FIRST = 16  # "auto", chunks stored after a context: first tokens per chunk
 
 
 class ScatterView:
@@ -94,16 +96,18 @@ def recompute_placed(
     fraction: float | str,
     strategy: str,
     block: int,
+    contexted: bool = False,
 ) -> tuple[int, mx.array]:
     """Compute the text and recompute chunk tokens; spans: (start, length) of each placed chunk.
     Returns (chunk tokens recomputed through every layer, the last layer's hidden state of the
-    last text position (1, 1, D)): the prompt's last token is always text."""
+    last text position (1, 1, D)): the prompt's last token is always text. contexted: the chunks
+    were stored after a context (no spurious sinks), which "auto" takes into account."""
     n_chunk = sum(n for _, n in spans)
     embed = model.model.embed
     n_layers = len(model.layers)
     ids = mx.array(list(ids))
     if fraction == AUTO:
-        chosen = _first_count(spans, SINK_TOKENS)
+        chosen = auto_tokens(spans, contexted)
     else:
         budget = min(n_chunk, math.ceil(fraction * n_chunk - 1e-9))
         if strategy == "first" or budget in (0, n_chunk):
@@ -134,6 +138,14 @@ def _recompute_deviation(model, cache, ids, spans, text_positions, budget, strat
     h = h[:, mx.array([index[p] for p in selected])]
     h = forward_at(model, cache, selected, h, range(c, n_layers), block)
     return len(chosen), h[:, -1:]
+
+
+def auto_tokens(spans: Sequence[tuple[int, int]], contexted: bool) -> list[int]:
+    """recompute="auto": each placed chunk's first tokens, from the prompt's shape alone. Chunks
+    stored alone: SINK_TOKENS (their spurious sinks); stored after a context they have no
+    spurious sink, and their first CONTEXT_FIRST tokens, which miss the documents before them
+    most, are recomputed (bench/NOTES.md, issue 18 second session)."""
+    return _first_count(spans, CONTEXT_FIRST if contexted else SINK_TOKENS)
 
 
 def _all(spans: Sequence[tuple[int, int]]) -> list[int]:
