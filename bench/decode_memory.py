@@ -110,9 +110,17 @@ def ollama_sample(url: str, name: str) -> dict:
     out = {}
     for n in (100, 2000):
         prompt = " ".join(rng.choice(words) for _ in range(n))
-        r = _post(f"{url}/api/generate", {"model": name, "prompt": prompt, "raw": True, "stream": False,
-                                         "options": {"num_predict": 64, "temperature": 0, "seed": 0,
-                                                     "num_ctx": 4096}})
+        req = {"model": name, "prompt": prompt, "raw": True, "stream": False,
+               "options": {"num_predict": 64, "temperature": 0, "seed": 0, "num_ctx": 4096}}
+        for attempt in range(3):
+            # A request racing the unload (or a runner restart) can come back empty: no prompt
+            # evaluated, no tokens. Asked again; the number of retries is recorded.
+            r = _post(f"{url}/api/generate", req)
+            if r.get("eval_count"):
+                break
+            print("ollama: empty response, asking again:", {k: v for k, v in r.items() if k != "context"},
+                  file=sys.stderr, flush=True)
+        out[f"retries_{n}"] = attempt
         if n == 100:
             out["load_s"] = r.get("load_duration", 0) / 1e9
         out[f"ttft_{n}"] = r.get("prompt_eval_duration", 0) / 1e9
@@ -136,6 +144,9 @@ def main() -> None:
     a = p.parse_args()
     variants = a.variants.split(",") + (["ollama"] if a.ollama else [])
     runs = {v: [] for v in variants}
+    if a.ollama:  # a fresh server's first answer can lack its timings: spend it here
+        _post(f"{a.ollama}/api/generate", {"model": a.ollama_model, "prompt": "Hi", "stream": False,
+                                           "options": {"num_predict": 1}})
     for r in range(a.rounds):
         for v in (variants if r % 2 == 0 else variants[::-1]):
             runs[v].append(ollama_sample(a.ollama, a.ollama_model) if v == "ollama"

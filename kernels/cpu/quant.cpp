@@ -340,10 +340,10 @@ void dequantize_range(const QWeight& q, float* out, int64_t j0, int64_t j1) {
   }
 }
 
-// Weights per chunk of rows: a matrix with fewer stays on the calling thread. Lowering it to 64 Ki
-// (every SmolLM2 projection split) made SmolLM2's decode slower on a loaded machine (bench/NOTES.md,
-// "Issue 14: CPU quantized matvec toward the memory ceiling"); the idle-machine choice is open.
-constexpr int64_t kMinChunk = 1 << 20;
+// Weights per chunk of rows: a matrix with fewer stays on the calling thread. Chosen on an idle
+// machine, where splitting every projection won; under heavy oversubscription 1 Mi did better
+// (bench/NOTES.md, "Issue 14: CPU quantized matvec toward the memory ceiling" and "Session 8").
+constexpr int64_t kMinChunk = 1 << 16;
 
 // fn(j0, j1) over the n output rows of a matrix of row length k, split over the worker pool.
 void parallel_rows(int64_t n, int64_t k, int threads, const std::function<void(int64_t, int64_t)>& fn) {
