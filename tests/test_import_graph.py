@@ -121,3 +121,15 @@ def test_models_never_ask_where_they_run(graph):
     for name, deps in graph.items():
         if name.startswith("mlxgen.models"):
             assert not any(d.startswith("mlxgen.backends") for d in deps), (name, deps)
+
+
+def test_import_mlxgen_stays_light():
+    """`import mlxgen` is part of every fresh process's wait (a cached load needs no numpy, no
+    gguf, no tqdm or jinja2): they are imported where they are used."""
+    import subprocess
+    import sys
+
+    heavy = ("numpy", "gguf", "tqdm", "jinja2", "transformers", "torch")
+    code = f"import sys, mlxgen; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -155,7 +155,7 @@ def test_token_choice():
     spans = [(10, 30), (43, 37)]
     assert _first_tokens(spans, 0.1) == [10, 11, 12] + [43, 44, 45, 46]
     placed = list(range(10, 40)) + list(range(43, 80))
-    dev = np.zeros(len(placed))
+    dev = [0.0] * len(placed)
     dev[placed.index(30)], dev[placed.index(70)], dev[placed.index(60)] = 5.0, 4.0, 3.0
     assert _pick(dev, placed, spans, 2, "deviation") == [30, 70]
     mixed = _pick(dev, placed, spans, 2 * SINK_TOKENS + 1, "mixed")

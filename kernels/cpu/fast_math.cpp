@@ -126,7 +126,7 @@ void matvec_rows(const float* x, const float* w, float* y, int64_t m, int64_t k,
 }
 
 void matvec(const float* x, const float* w, float* y, int64_t m, int64_t k, int64_t n, int threads) {
-  // Chunks of at least 1 Mi weights, as quant.cpp's kMinChunk (smaller splits measured slower).
+  // Chunks of at least 1 Mi float32 weights (4 MB; quant.cpp's kMinChunk counts packed weights).
   mlxgen::parallel_for(n, ((1 << 20) + k - 1) / k, threads,
                        [&](int64_t j0, int64_t j1) { matvec_rows(x, w, y, m, k, j0, j1, n); });
 }

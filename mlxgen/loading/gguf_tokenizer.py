@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from itertools import repeat
 from typing import Any, Mapping
 
-import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from ..errors import ModelLoadError, UnsupportedModelError
@@ -87,6 +86,8 @@ def tokenizer_from_gguf(fields: Mapping[str, Any]) -> TokenizerParts:
             "BPE) and 'llama' (SentencePiece). Use a model with one of these tokenizers."
         )
     # the few non-plain tokens (control, user-defined, unknown), in id order, found vectorized
+    import numpy as np  # here: a load from the converted-weights cache needs none of this module's work
+
     marked = np.flatnonzero(np.isin(np.asarray(types), (CONTROL, USER_DEFINED, UNKNOWN))).tolist()
     _register_added_tokens(tokenizer, [(tokens[i], types[i]) for i in marked])
 

@@ -13,14 +13,15 @@ import hashlib
 import json
 
 import mlx.core as mx
-import numpy as np
 from mlx.utils import tree_flatten
 
 SAMPLES = 1024  # elements hashed per parameter
 
 
-def array_bytes(a: mx.array) -> np.ndarray:
+def array_bytes(a: mx.array):
     """The raw bytes of an array as a numpy uint8 view (bfloat16 has no numpy dtype)."""
+    import numpy as np  # here, not at import: `import mlxgen` (a fresh process's wait) need not pay
+
     return np.asarray(a.reshape(-1).view(mx.uint8))
 
 

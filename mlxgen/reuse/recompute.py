@@ -21,7 +21,6 @@ import math
 from typing import Sequence
 
 import mlx.core as mx
-import numpy as np
 
 from ..cache import KVCache
 from ..errors import ConfigError
@@ -132,7 +131,7 @@ def _recompute_deviation(model, cache, ids, spans, text_positions, budget, strat
     new = stored_at(cache[c - 1], pos)
     dev = sum(((n - o) ** 2).sum(axis=(0, 1, 3)) / (o**2).sum(axis=(0, 1, 3)).mean()
               for o, n in zip(old, new))
-    chosen = _pick(np.array(dev.astype(mx.float32)), placed, spans, budget, strategy)
+    chosen = _pick(dev.astype(mx.float32).tolist(), placed, spans, budget, strategy)
     selected = sorted(set(chosen) | set(text_positions))
     index = {p: i for i, p in enumerate(placed)}
     h = h[:, mx.array([index[p] for p in selected])]
@@ -160,10 +159,10 @@ def _first_count(spans: Sequence[tuple[int, int]], count: int) -> list[int]:
     return [p for start, n in spans for p in range(start, start + min(n, count))]
 
 
-def _pick(dev: np.ndarray, placed: list[int], spans, budget: int, strategy: str) -> list[int]:
+def _pick(dev: list[float], placed: list[int], spans, budget: int, strategy: str) -> list[int]:
     """The `budget` chunk tokens to recompute: (each chunk's first SINK_TOKENS for "mixed", then)
     the largest deviations."""
-    score = dict(zip(placed, dev.tolist()))
+    score = dict(zip(placed, dev))
     chunk_pos = _all(spans)
     forced = []
     if strategy == "mixed":
