@@ -121,9 +121,10 @@ def ollama_sample(url: str, name: str) -> dict:
             print("ollama: empty response, asking again:", {k: v for k, v in r.items() if k != "context"},
                   file=sys.stderr, flush=True)
         out[f"retries_{n}"] = attempt
+        cold = attempt == 0  # a retry finds the model loaded and the prompt maybe cached
         if n == 100:
-            out["load_s"] = r.get("load_duration", 0) / 1e9
-        out[f"ttft_{n}"] = r.get("prompt_eval_duration", 0) / 1e9
+            out["load_s"] = r.get("load_duration", 0) / 1e9 if cold else None
+        out[f"ttft_{n}"] = r.get("prompt_eval_duration", 0) / 1e9 if cold else None
         # (a response that generated nothing carries no eval fields)
         out[f"decode_{n}"] = r.get("eval_count", 0) / max(r.get("eval_duration", 0) / 1e9, 1e-9) \
             if r.get("eval_count") else None
