@@ -17,7 +17,11 @@ import mlx.nn as nn
 from ...models.rope import RoPE
 from . import ext
 
-MATVEC_ROWS = 8  # products with at most this many rows take the streaming matvec kernel
+MATVEC_ROWS = 8  # float products with at most this many rows take the streaming matvec kernel
+# Quantized products with at most this many rows read the packed weight once (qmatvec) instead of
+# dequantizing it for BLAS: a session turn or a question (~30 tokens) then costs no full
+# dequantization of every matrix (crossover measured in bench/NOTES.md, "Session 8").
+QMATVEC_ROWS = 32
 # Memory-bound: a few cores saturate the bandwidth.
 MATVEC_THREADS = min(8, os.cpu_count() or 1)
 
@@ -56,7 +60,7 @@ def _quantized_product(x: mx.array, layer: nn.Module) -> mx.array | None:
         return None
     kernels = ext.loaded()
     args = (layer.weight, layer.scales, layer.biases, layer.bits, layer.group_size, MATVEC_THREADS)
-    if x.size // x.shape[-1] <= MATVEC_ROWS:
+    if x.size // x.shape[-1] <= QMATVEC_ROWS:
         return kernels.qmatvec(x, *args)
     return x @ kernels.dequantize(*args).T
 
