@@ -194,3 +194,25 @@ def test_decode_steps_are_lean_and_match_the_full_forward(ext, arch, tmp_path):
     ops = _step_ops(model, cache, ids[0], tmp_path / "step.dot")
     assert "Transpose" not in ops and "Contiguous" not in ops, ops
     assert ops["MlxgenDecodeAttention"] == len(model.layers), ops
+
+
+@kernels
+def test_quantized_decode_steps_are_lean(ext, tmp_path):
+    # The quantized projections (qmatvec) take their inputs as they are too: no Contiguous node
+    # per input, and the step still gives the MLX ops' logits on the same packed weights.
+    import mlx.nn as nn
+    from reuse_helpers import max_diff, tiny_model, token_ids
+
+    from mlxgen.prefill import prefill
+
+    model, ids = tiny_model("smollm2"), token_ids(10)
+    nn.quantize(model, group_size=32, bits=4)
+    got = {}
+    for backend in ("mlx", "cpu"):
+        backends.prepare(model, backend)
+        cache = model.make_cache()
+        mx.eval(prefill(model, ids[:8], cache))
+        got[backend] = model(mx.array([[ids[8]]]), cache)[:, -1]
+    assert max_diff(got["cpu"], got["mlx"]) < 1e-3
+    ops = _step_ops(model, cache, ids[9], tmp_path / "step.dot")
+    assert ops["MlxgenQuantMatvec"] >= 7 * len(model.layers) and "Contiguous" not in ops, ops
