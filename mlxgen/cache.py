@@ -33,7 +33,7 @@ class KVCache:
     step = 256
     pre_rope = False
 
-    def __init__(self, window: int | None = None, keep_all: bool = False) -> None:
+    def __init__(self, window: int | None = None, keep_all: bool = False, dtype: mx.Dtype | None = None) -> None:
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
         self.offset = 0  # tokens seen (the position of the next one)
@@ -41,6 +41,7 @@ class KVCache:
         self.window = window
         self.keep_all = keep_all  # a windowed cache that keeps every token (chunk encoding)
         self.reserved = 0  # position up to which storage is wanted (reserve)
+        self.dtype = dtype  # storage dtype (None: the first keys'); writes are cast to it
 
     def rotate_and_update(
         self, queries: mx.array, keys: mx.array, values: mx.array, rope: Rope
@@ -89,12 +90,19 @@ class KVCache:
             self._realloc(0, self.reserved - self.start)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        self.append(keys, values)
+        n = self.offset - self.start
+        return self.keys[:, :, :n], self.values[:, :, :n]
+
+    def append(self, keys: mx.array, values: mx.array) -> None:
+        """Store keys and values (B, H, n, D) after the cached tokens (a decode kernel that reads
+        the whole buffers calls this rather than update_and_fetch, whose views it has no use for)."""
         prev = self.offset - self.start
         n = keys.shape[2]
         if self.keys is None:
             B, H, _, Dk = keys.shape
-            self.keys = mx.zeros((B, H, 0, Dk), keys.dtype)
-            self.values = mx.zeros((B, H, 0, values.shape[3]), values.dtype)
+            self.keys = mx.zeros((B, H, 0, Dk), self.dtype or keys.dtype)
+            self.values = mx.zeros((B, H, 0, values.shape[3]), self.dtype or values.dtype)
         if prev + n > self.keys.shape[2]:
             self._realloc(0, max(prev + n, self.reserved - self.start))
         self.offset += n
@@ -102,7 +110,6 @@ class KVCache:
         # runs for every layer of every decode step.
         self.keys[:, :, prev : prev + n] = keys
         self.values[:, :, prev : prev + n] = values
-        return self.keys[:, :, : prev + n], self.values[:, :, : prev + n]
 
     def _realloc(self, drop: int, needed: int) -> None:
         # New buffers of a multiple of `step` rows holding stored tokens drop.. (up to offset).
@@ -169,9 +176,13 @@ def make_cache(
     default: str = "standard",
     windows: list[int | None] | None = None,
     keep_all: bool = False,
+    dtype: str | mx.Dtype | None = None,
 ) -> list[KVCache]:
     """One cache per layer; mode "standard" or "pre-rope" (else MLXGEN_CACHE_MODE, else default).
-    windows: each layer's sliding window (None: full attention); keep_all: never drop tokens."""
+    windows: each layer's sliding window (None: full attention); keep_all: never drop tokens;
+    dtype: storage dtype of keys and values (a name or mx.Dtype; None: the model's)."""
     cls = CACHE_CLASSES[settings.cache_mode(mode, default)]
     windows = windows or [None] * num_layers
-    return [cls(windows[i], keep_all) for i in range(num_layers)]
+    if isinstance(dtype, str):
+        dtype = getattr(mx, dtype)
+    return [cls(windows[i], keep_all, dtype) for i in range(num_layers)]

@@ -18,5 +18,6 @@ class Runtime:
     backend: str = "mlx"
     prefill_chunk_size: int | None = None  # None: CPU_CHUNK or GPU_CHUNK by device (prefill.py)
     cache_mode: str = "standard"  # the default when neither the caller nor the environment says
+    kv_dtype: str | None = None  # the KV cache's storage dtype name (None: the keys' own dtype)
     clear_cache_between_chunks: bool = False  # free MLX's buffer cache after each prefill chunk
     wired_limit: bool = False  # wire the model's memory while generating (Metal)

@@ -21,6 +21,7 @@ ENV_VARS = {
     "MLXGEN_KERNELS": "custom Metal kernels: auto (default; only where measured faster), off, on",
     "MLXGEN_LOG_LEVEL": "logging level for the mlxgen logger (default WARNING; the CLI uses INFO)",
     "MLXGEN_CACHE_MODE": "KV cache mode: auto (default: pre-rope where the Metal decode kernel measured faster, else standard), standard (post-RoPE keys, mlx-lm's) or pre-rope",
+    "MLXGEN_KV_DTYPE": "KV cache storage dtype of the CPU backend (float32 models), read at load: auto (default: float16 where mlxgen's kernels are built, as Ollama's cache; else float32), float16 or float32; other backends keep the model's dtype",
     "MLXGEN_CACHE_REUSE": "reuse cached K/V (stored chunks, session prefixes): on (default) or off",
     "MLXGEN_RECOMPUTE": "fraction of reused chunk tokens recomputed with full attention, in [0, 1], or auto (default 0.15)",
     "MLXGEN_CHUNK_STORE_BYTES": "in-memory chunk store limit: bytes, or with KB/MB/GB/KiB/MiB/GiB (default 1GiB)",
@@ -146,6 +147,11 @@ def cache_mode(override: str | None = None, default: str = "standard") -> str:
     return default if mode == "auto" else mode
 
 
+def kv_dtype(override: str | None = None) -> str:
+    """The argument, else MLXGEN_KV_DTYPE, else "auto" (the backend decides at load)."""
+    return choice("MLXGEN_KV_DTYPE", override, ("auto", "float16", "float32"), "auto")
+
+
 def cache_reuse(override: bool | None = None) -> bool:
     if override is not None:
         if not isinstance(override, bool):
@@ -223,6 +229,7 @@ def validate_all() -> None:
     dtype_name()
     log_level()
     cache_mode()
+    kv_dtype()
     cache_reuse()
     recompute_fraction()
     chunk_store_bytes()

@@ -96,10 +96,14 @@ def pytest_configure(config):
 
     Weights load as float32 on every backend: the oracle comparisons' tolerances are float32's.
     On the CPU that is the default anyway; on a Mac the tests still run on the GPU. Tests of the
-    defaults themselves unset it; the Mac-profile tests pass arguments."""
+    defaults themselves unset it; the Mac-profile tests pass arguments. Likewise the K/V dtype."""
     from mlxgen.loading import pypi
 
     os.environ.setdefault("MLXGEN_DTYPE", "float32")
+    # K/V kept in float32 too (the CPU's default cache is float16): exactness relations between
+    # paths (chunked = unchunked, recompute 1.0 = full prefill) are checked at float32's
+    # tolerances; tests/test_cpu_decode_layer.py and test_real_models.py check the default.
+    os.environ.setdefault("MLXGEN_KV_DTYPE", "float32")
     # loads convert from the file (tests/test_convert_cache.py turns the cache on where it is
     # the point): no test writes into, or is served from, the user's converted-weights cache
     os.environ.setdefault("MLXGEN_CONVERT_CACHE", "0")

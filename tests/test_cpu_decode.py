@@ -43,6 +43,18 @@ def test_decode_attention_matches_mlx(ext, B, H, KV, n, D, threads):
 
 
 @kernels
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 2500])  # whole vectors of halves and the tails
+def test_decode_attention_reads_a_float16_cache(ext, n):
+    q = mx.random.normal((1, 6, 1, 40), key=mx.random.key(5))
+    k = (2 * mx.random.normal((1, 2, n, 40), key=mx.random.key(6))).astype(mx.float16)
+    v = mx.random.normal((1, 2, n, 40), key=mx.random.key(7)).astype(mx.float16)
+    want = _sdpa(q, k.astype(mx.float32), v.astype(mx.float32), 0.15)
+    assert mx.abs(ext.decode_attention(q, k, v, 0.15, 2) - want).max().item() < 1e-5
+    with pytest.raises(ValueError, match="must both be float32 or both float16"):
+        ext.decode_attention(q, k, v.astype(mx.float32), 0.15, 2)
+
+
+@kernels
 def test_decode_attention_large_scores_and_nan(ext):
     q = mx.full((1, 2, 1, 16), 30.0)
     k = mx.random.normal((1, 1, 600, 16), key=mx.random.key(3))
@@ -126,8 +138,10 @@ def _quantized_tiny(f16_exact: bool):
 
 
 @kernels
-def test_float16_scales_only_where_exact_and_outputs_unchanged(ext):
+def test_float16_scales_only_where_exact_and_outputs_unchanged(ext, monkeypatch):
     from reuse_helpers import token_ids
+
+    monkeypatch.setenv("MLXGEN_KV_DTYPE", "float32")  # the scales alone (float16 K/V: test_cpu_decode_layer)
 
     from mlxgen.prefill import prefill
 
@@ -175,10 +189,12 @@ def _step_ops(model, cache, token: int, path) -> collections.Counter:
 
 @kernels
 @pytest.mark.parametrize("arch", ["smollm2", "qwen3"])
-def test_decode_steps_are_lean_and_match_the_full_forward(ext, arch, tmp_path):
+def test_decode_steps_are_lean_and_match_the_full_forward(ext, arch, tmp_path, monkeypatch):
     # A decode step (one position: heads reshaped, not transposed; kernel inputs made dense at
     # eval, not by Contiguous nodes) gives the logits of the whole sequence's forward pass.
     from reuse_helpers import max_diff, tiny_model, token_ids
+
+    monkeypatch.setenv("MLXGEN_KV_DTYPE", "float32")  # as the forward pass keeps K/V
 
     from mlxgen.prefill import prefill
 
@@ -205,11 +221,15 @@ def test_quantized_decode_steps_are_lean(ext, tmp_path):
 
     from mlxgen.prefill import prefill
 
+    from mlxgen.models.llama import TransformerBlock
+
     model, ids = tiny_model("smollm2"), token_ids(10)
     nn.quantize(model, group_size=32, bits=4)
     got = {}
     for backend in ("mlx", "cpu"):
         backends.prepare(model, backend)
+        for layer in model.layers:  # the plain layers (a covered layer's step is two C++ ops:
+            layer.__class__ = TransformerBlock  # tests/test_cpu_decode_layer.py)
         cache = model.make_cache()
         mx.eval(prefill(model, ids[:8], cache))
         got[backend] = model(mx.array([[ids[8]]]), cache)[:, -1]

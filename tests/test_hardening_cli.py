@@ -66,6 +66,7 @@ GARBAGE = {
     "MLXGEN_LOG_LEVEL": "verbose", "MLXGEN_CACHE_MODE": "x", "MLXGEN_CACHE_REUSE": "x",
     "MLXGEN_RECOMPUTE": "2", "MLXGEN_CHUNK_STORE_BYTES": "lots", "MLXGEN_SERVER": "localhost:1",
     "MLXGEN_CONVERT_CACHE": "sometimes", "MLXGEN_CONVERT_CACHE_BYTES": "-5",
+    "MLXGEN_KV_DTYPE": "bfloat16",
 }
 
 

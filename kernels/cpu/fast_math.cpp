@@ -14,9 +14,14 @@
 #include <functional>
 #include <vector>
 
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
+#include "kernels.h"
 #include "pool.h"
 
 namespace mx = mlx::core;
@@ -227,42 +232,54 @@ void rope(const float* x, float* y, int64_t B, int64_t H, int64_t L, int64_t D,
 // of a KV head share one pass over its keys and one over its values. The keys are split into
 // ranges, one per thread; each range keeps its own running max, denominator and weighted sum of
 // values, merged at the end (the split that lets two cores share one long cache).
-struct AttnShape {
-  int64_t B, H, KV, n, D, Dv;
-  int64_t kb, kh, kn, vb, vh, vn;  // key / value strides (elements) over batch, head, position
-  float scale;
-};
+// The cache's keys and values are float32 or float16 (half the bytes to read per step).
+using mlxgen::AttnShape;
+// W halves widened in one instruction (GCC's generic vector conversion goes element by element).
+inline vf load(const _Float16* p) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__F16C__)  // (W == 8)
+  return (vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  vf v;
+  for (int i = 0; i < W; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
+#endif
+}
 
-inline float vdot(const float* a, const float* b, int64_t d) {
+template <typename KT>
+inline float vdot(const float* a, const KT* b, int64_t d) {
   vf acc = splat(0.0f);
   int64_t i = 0;
   for (; i + W <= d; i += W) acc += load(a + i) * load(b + i);
   float t = 0.0f;
   for (int l = 0; l < W; ++l) t += acc[l];
-  for (; i < d; ++i) t += a[i] * b[i];
+  for (; i < d; ++i) t += a[i] * static_cast<float>(b[i]);
   return t;
 }
 
-inline void vaxpy(float* y, float a, const float* x, int64_t d) {
+template <typename KT>
+inline void vaxpy(float* y, float a, const KT* x, int64_t d) {
   int64_t i = 0;
   vf va = splat(a);
   for (; i + W <= d; i += W) store(y + i, load(y + i) + va * load(x + i));
-  for (; i < d; ++i) y[i] += a * x[i];
+  for (; i < d; ++i) y[i] += a * static_cast<float>(x[i]);
 }
 
 // Keys j0 <= j < j1 for every (batch, head): stat[bh] = (max, denominator), acc[bh] = the
 // unnormalised weighted sum of values, both relative to that max.
-void attend_range(const AttnShape& s, const float* q, const float* k, const float* v, int64_t j0, int64_t j1,
+template <typename KT>
+void attend_range(const AttnShape& s, const float* q, const KT* k, const KT* v, int64_t j0, int64_t j1,
                   float* stat, float* acc) {
   int64_t rep = s.H / s.KV, len = j1 - j0;
   std::vector<float> scores(rep * std::max<int64_t>(len, 1));
   for (int64_t b = 0; b < s.B; ++b)
     for (int64_t g = 0; g < s.KV; ++g) {
-      const float* kg = k + b * s.kb + g * s.kh;
-      const float* vg = v + b * s.vb + g * s.vh;
+      const KT* kg = k + b * s.kb + g * s.kh;
+      const KT* vg = v + b * s.vb + g * s.vh;
       const float* qg = q + (b * s.H + g * rep) * s.D;
       for (int64_t j = 0; j < len; ++j) {
-        const float* kj = kg + (j0 + j) * s.kn;
+        const KT* kj = kg + (j0 + j) * s.kn;
         for (int64_t r = 0; r < rep; ++r) scores[r * len + j] = vdot(qg + r * s.D, kj, s.D) * s.scale;
       }
       for (int64_t r = 0; r < rep; ++r) {
@@ -277,13 +294,14 @@ void attend_range(const AttnShape& s, const float* q, const float* k, const floa
         std::fill(acc + bh * s.Dv, acc + (bh + 1) * s.Dv, 0.0f);
       }
       for (int64_t j = 0; j < len; ++j) {
-        const float* vj = vg + (j0 + j) * s.vn;
+        const KT* vj = vg + (j0 + j) * s.vn;
         for (int64_t r = 0; r < rep; ++r) vaxpy(acc + (b * s.H + g * rep + r) * s.Dv, scores[r * len + j], vj, s.Dv);
       }
     }
 }
 
-void decode_attention(const AttnShape& s, const float* q, const float* k, const float* v, float* out, int threads) {
+template <typename KT>
+void decode_attention(const AttnShape& s, const float* q, const KT* k, const KT* v, float* out, int threads) {
   int64_t BH = s.B * s.H;
   // A thread per range only where the cache is large enough to amortise handing it over.
   int64_t t = std::clamp<int64_t>(s.n * s.KV * s.B * (s.D + s.Dv) / (1 << 16), 1, threads);
@@ -391,36 +409,59 @@ mx::array decode_attention_op(const mx::array& q, const mx::array& k, const mx::
       q.shape(3) != k.shape(3) || k.shape(1) < 1 || q.shape(1) % k.shape(1) || k.shape(2) < 1)
     throw std::invalid_argument("decode_attention needs q (B, H, 1, D), k (B, KV, n, D), v (B, KV, n, Dv), "
                                 "n >= 1 and H a multiple of KV.");
+  if (k.dtype() != v.dtype() || (k.dtype() != mx::float32 && k.dtype() != mx::float16))
+    throw std::invalid_argument("decode_attention: k and v must both be float32 or both float16.");
   // The cache's views are read in place (strides at eval time); their rows must be contiguous.
-  auto qc = checked(q, "decode_attention"), kc = checked(k, "decode_attention");
-  auto vc = checked(v, "decode_attention");
+  auto qc = checked(q, "decode_attention");
+  bool half = k.dtype() == mx::float16;
   AttnShape s{q.shape(0), q.shape(1), k.shape(1), k.shape(2), q.shape(3), v.shape(3), 0, 0, 0, 0, 0, 0, scale};
   auto shape = q.shape();
   shape.back() = v.shape(3);
-  return make("MlxgenDecodeAttention", shape, {qc, kc, vc}, [=](auto& in, float* out) -> Task {
+  return make("MlxgenDecodeAttention", shape, {qc, k, v}, [=](auto& in, float* out) -> Task {
     auto &ks = in[1].strides(), &vs = in[2].strides();
     AttnShape t = s;
     t.kb = ks[0], t.kh = ks[1], t.kn = ks[2], t.vb = vs[0], t.vh = vs[1], t.vn = vs[2];
-    return [=, a = in[0].template data<float>(), b = in[1].template data<float>(), c = in[2].template data<float>(),
+    return [=, a = in[0].template data<float>(), b = in[1].template data<void>(), c = in[2].template data<void>(),
             kd = ks[3], vd = vs[3]] {
-      if (kd == 1 && vd == 1) return decode_attention(t, a, b, c, out, threads);
-      // Rows with a feature stride (never a cache's): gathered into contiguous copies first.
+      if (kd == 1 && vd == 1) {
+        if (half) return ::decode_attention(t, a, static_cast<const _Float16*>(b), static_cast<const _Float16*>(c), out, threads);
+        return ::decode_attention(t, a, static_cast<const float*>(b), static_cast<const float*>(c), out, threads);
+      }
+      // Rows with a feature stride (never a cache's): gathered into contiguous float32 copies first.
+      auto at = [half](const void* p, int64_t i) {
+        return half ? static_cast<float>(static_cast<const _Float16*>(p)[i]) : static_cast<const float*>(p)[i];
+      };
       AttnShape u = t;
       std::vector<float> kk(s.B * s.KV * s.n * s.D), vv(s.B * s.KV * s.n * s.Dv);
       for (int64_t r = 0; r < s.B * s.KV * s.n; ++r) {
         int64_t bb = r / (s.KV * s.n), g = r / s.n % s.KV, j = r % s.n;
-        for (int64_t d = 0; d < s.D; ++d) kk[r * s.D + d] = b[bb * t.kb + g * t.kh + j * t.kn + d * kd];
-        for (int64_t d = 0; d < s.Dv; ++d) vv[r * s.Dv + d] = c[bb * t.vb + g * t.vh + j * t.vn + d * vd];
+        for (int64_t d = 0; d < s.D; ++d) kk[r * s.D + d] = at(b, bb * t.kb + g * t.kh + j * t.kn + d * kd);
+        for (int64_t d = 0; d < s.Dv; ++d) vv[r * s.Dv + d] = at(c, bb * t.vb + g * t.vh + j * t.vn + d * vd);
       }
       u.kn = s.D, u.kh = s.n * s.D, u.kb = s.KV * s.n * s.D, u.vn = s.Dv, u.vh = s.n * s.Dv, u.vb = s.KV * s.n * s.Dv;
-      decode_attention(u, a, kk.data(), vv.data(), out, threads);
+      ::decode_attention(u, a, kk.data(), vv.data(), out, threads);
     };
   }, 0b110u);
 }
 
 }  // namespace
 
+namespace mlxgen {
+void rms_norm(const float* x, const float* w, float* y, int64_t rows, int64_t d, float eps) {
+  ::rms_norm(x, w, y, rows, d, eps);
+}
+void silu_mul(const float* g, const float* u, float* out, int64_t size) { ::silu_mul(g, u, out, size); }
+template <typename KT>
+void decode_attention(const AttnShape& s, const float* q, const KT* k, const KT* v, float* out, int threads) {
+  ::decode_attention(s, q, k, v, out, threads);
+}
+template void decode_attention<float>(const AttnShape&, const float*, const float*, const float*, float*, int);
+template void decode_attention<_Float16>(const AttnShape&, const float*, const _Float16*, const _Float16*, float*,
+                                         int);
+}  // namespace mlxgen
+
 void add_quant_ops(nb::module_& m);  // quant.cpp: kernels on quantized weights
+void add_decode_layer_op(nb::module_& m);  // decode_layer.cpp: a whole decoder layer for one token
 
 NB_MODULE(_mlxgen_cpu, m) {
   m.doc() = "mlxgen's CPU kernels (built for this machine by mlxgen/backends/cpu/ext.py).";
@@ -436,4 +477,5 @@ NB_MODULE(_mlxgen_cpu, m) {
   m.def("decode_attention", &decode_attention_op, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("scale"),
         nb::arg("threads"));
   add_quant_ops(m);
+  add_decode_layer_op(m);
 }

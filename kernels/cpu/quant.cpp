@@ -27,6 +27,7 @@
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 
+#include "kernels.h"
 #include "pool.h"
 
 namespace mx = mlx::core;
@@ -480,6 +481,13 @@ mx::array dequantize_op(const mx::array& w, const mx::array& scales, const mx::a
 }
 
 }  // namespace
+
+void mlxgen::qmatvec(const void* w, const void* scales, const void* biases, int scale_dtype, int64_t n, int64_t k,
+                     int group_size, int bits, const float* x, float* y, int64_t m, int threads) {
+  auto base = static_cast<const uint8_t*>(w);
+  QWeight q{base, scales, biases, static_cast<ScaleType>(scale_dtype), n, k, group_size, base + n * k * bits / 8};
+  ::qmatvec(q, bits, x, y, m, threads);
+}
 
 // Called from fast_math.cpp's module definition.
 void add_quant_ops(nb::module_& m) {

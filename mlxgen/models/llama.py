@@ -115,7 +115,8 @@ class Model(nn.Module):
         mode chosen for this device at load). Sliding-window layers get windowed caches, which
         hold only what the layer can still see unless keep_all."""
         windows = [layer.self_attn.window for layer in self.layers]
-        return make_cache(len(self.layers), mode, self.runtime.cache_mode, windows, keep_all)
+        return make_cache(len(self.layers), mode, self.runtime.cache_mode, windows, keep_all,
+                          self.runtime.kv_dtype)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Drop tensors the model derives itself (tied head, RoPE tables); split Phi-3's fused

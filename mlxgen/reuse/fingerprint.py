@@ -26,11 +26,13 @@ def array_bytes(a: mx.array):
 
 
 def model_fingerprint(model) -> str:
-    """A 32-hex-digit digest of the model's architecture, config and (sampled) weights."""
+    """A 32-hex-digit digest of the model's architecture, config, (sampled) weights and K/V dtype."""
     h = hashlib.sha256()
     config = dataclasses.asdict(model.args) if dataclasses.is_dataclass(model.args) else model.args
-    h.update(json.dumps({"model_type": model.model_type, "config": config}, sort_keys=True,
-                        default=str).encode())
+    # The K/V's storage dtype too: chunks encoded through a float16 cache differ in rounding.
+    kv_dtype = getattr(getattr(model, "runtime", None), "kv_dtype", None)
+    h.update(json.dumps({"model_type": model.model_type, "config": config, "kv_dtype": kv_dtype},
+                        sort_keys=True, default=str).encode())
     params = sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0])
     samples = []
     for _, p in params:

@@ -17,7 +17,7 @@ from ...models.llama import MLP
 from ...models.qwen3_moe import Experts
 from ...runtime import CPU_CHUNK, Runtime
 from ..swap import plug, swap
-from . import blas, ext, ops
+from . import blas, decode, ext, ops
 from .layers import SWAPS, narrow_scales, widen_scales
 
 # MLX's CPU allocator keeps only 32 MiB of freed buffers by default: less than one decoder
@@ -68,10 +68,20 @@ def install(model) -> Runtime:
         return Runtime(backend="mlx", prefill_chunk_size=CPU_CHUNK)
     module = ext.kernels()  # None when off or it cannot be built (logged once)
     if module is not None:
-        swap(model, SWAPS)
+        swap(model, SWAPS | decode.SWAPS)
         if narrow_scales(model):
             mx.clear_cache()  # the float32 scales just freed would stay in MLX's buffer cache
     plug(model, Attention, "sdpa", partial(ops.scaled_dot_product_attention, ext=module))
     for owner in (MLP, Experts):
         plug(model, owner, "activation", partial(ops.silu_mul, ext=module))
-    return Runtime(backend="cpu", prefill_chunk_size=CPU_CHUNK)
+    return Runtime(backend="cpu", prefill_chunk_size=CPU_CHUNK, kv_dtype=kv_dtype(module is not None))
+
+
+def kv_dtype(kernels: bool) -> str | None:
+    """The KV cache's dtype (MLXGEN_KV_DTYPE): by default float16 where the kernels read it (a
+    long context's decode step reads every cached key and value: half the bytes, as Ollama's
+    cache); MLX's attention ops would convert it on every read, so float32 without them."""
+    name = settings.kv_dtype()
+    if name == "auto":
+        return "float16" if kernels else None
+    return name

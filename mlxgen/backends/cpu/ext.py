@@ -32,7 +32,8 @@ from ..sources import read_source
 
 log = logging.getLogger("mlxgen")
 
-SOURCES = ("cpu/fast_math.cpp", "cpu/quant.cpp", "cpu/cpu_kernel.h", "cpu/pool.h", "cpu/CMakeLists.txt")
+SOURCES = ("cpu/fast_math.cpp", "cpu/quant.cpp", "cpu/decode_layer.cpp", "cpu/cpu_kernel.h", "cpu/kernels.h",
+           "cpu/pool.h", "cpu/CMakeLists.txt")
 MODULE = "_mlxgen_cpu"
 BUILD_TIMEOUT_S = 600
 

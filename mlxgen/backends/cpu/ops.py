@@ -77,9 +77,11 @@ def scaled_dot_product_attention(
     new key length."""
     L, N = q.shape[2], k.shape[2]
     if L == 1 and not isinstance(mask, mx.array):
-        if ext is not None and q.dtype == k.dtype == v.dtype == mx.float32:
+        if ext is not None and q.dtype == mx.float32 and k.dtype == v.dtype in (mx.float32, mx.float16):
             return ext.decode_attention(q, k, v, scale, _THREADS)
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    if k.dtype != q.dtype:  # a float16 cache: converted once here, not by each block's matmul
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
     rows = _block_rows(q.shape[1], N)
     # A ones column on V makes the P@V matmul also return each row's softmax denominator,
     # which saves a reduction pass over the scores (measured 6-10%, bench/NOTES.md).
