@@ -24,12 +24,14 @@ _LAZY = {"Chunk": "mlxgen.reuse", "ChunkStore": "mlxgen.reuse", "Session": "mlxg
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
+    if name == "reuse":  # `mlxgen.reuse.X` after a bare `import mlxgen`, as before
+        return importlib.import_module("mlxgen.reuse")
     raise AttributeError(f"module 'mlxgen' has no attribute {name!r}")
 
 
