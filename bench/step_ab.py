@@ -13,6 +13,10 @@ measure the same things but drift with the neighbours):
 - `--threads N`: every change, with N threads for the decode kernels (default: the cores), to see
   whether a kernel thread less lets graph building overlap evaluation.
 
+`--bias` compares instead, on this tree's library, a biased quantized projection's bias added
+after qmatvec (a Broadcast and an Add node per projection: before) with the bias added inside
+the kernel (this tree: Qwen2's q/k/v), everything else as this tree has it.
+
 Each sample is `--steps` steps in generate's pattern (build step n+1 and its token while step n
 evaluates), then the cache is trimmed back to `--context`. Medians over `--rounds` of the wall
 time and of the process's CPU time (all threads) per step: on an oversubscribed machine the CPU
@@ -21,6 +25,7 @@ time still counts the work a step does, where the wall time mostly counts the ne
     git archive <base> | tar -x -C /tmp/base
     PYTHONPATH=/tmp/base python -c "from mlxgen.backends.cpu import ext; ext.main()"  # its .so
     python bench/step_ab.py --model smollm2:135m --base-ext /path/to/base/_mlxgen_cpu*.so
+    python bench/step_ab.py --model qwen2.5-coder:0.5b --bias
 """
 
 from __future__ import annotations
@@ -69,6 +74,14 @@ def update_before(self, keys, values):
     return self.keys[..., : prev + n, :], self.values[..., : prev + n, :]
 
 
+def quantized_linear_bias_after(self, x):
+    # CpuQuantizedLinear.__call__ before the bias went into qmatvec.
+    y = layers._quantized_product(x, self)
+    if y is None:
+        return super(layers.CpuQuantizedLinear, self).__call__(x)
+    return y + self.bias if "bias" in self else y
+
+
 def load_library(path: str):
     spec = importlib.util.spec_from_file_location(cpu_ext.MODULE, path)
     module = importlib.util.module_from_spec(spec)
@@ -86,7 +99,8 @@ def use_library(model, module) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2:135m")
-    p.add_argument("--base-ext", required=True, help="the base commit's _mlxgen_cpu library")
+    p.add_argument("--base-ext", help="the base commit's _mlxgen_cpu library")
+    p.add_argument("--bias", action="store_true", help="compare the bias after / inside qmatvec instead")
     p.add_argument("--exp-ext", help="another library to try on top of every other change")
     p.add_argument("--threads", type=int, help="also: every change, with this many decode kernel threads")
     p.add_argument("--context", type=int, default=150)
@@ -96,18 +110,23 @@ def main() -> None:
 
     model, tokenizer = mlxgen.load(a.model)
     assert model.runtime.backend == "cpu", "needs the CPU backend with its kernels"
-    libs = {"base": load_library(a.base_ext), "new": cpu_ext.loaded()}
+    if not (a.bias or a.base_ext):
+        p.error("give --base-ext or --bias")
+    libs = {"base": load_library(a.base_ext) if a.base_ext else None, "new": cpu_ext.loaded()}
     if a.exp_ext:
         libs["exp"] = load_library(a.exp_ext)
     default_threads = layers.MATVEC_THREADS
-    current = {"call": Attention.__call__, "update": KVCache.update_and_fetch}
+    current = {"call": Attention.__call__, "update": KVCache.update_and_fetch,
+               "linear": layers.CpuQuantizedLinear.__call__}
     rng = random.Random(0)
     ids = [rng.randrange(1000, min(30000, model.args.vocab_size - 1)) for _ in range(a.context)]
     cache = model.make_cache()
     mx.eval(prefill(model, ids, cache))
 
-    def configure(lib: str, heads: bool, slices: bool, threads: int = default_threads) -> None:
+    def configure(lib: str, heads: bool, slices: bool, threads: int = default_threads,
+                  bias_inside: bool = True) -> None:
         use_library(model, libs[lib])
+        layers.CpuQuantizedLinear.__call__ = current["linear"] if bias_inside else quantized_linear_bias_after
         layers.MATVEC_THREADS = ops._THREADS = threads
         Attention.__call__ = current["call"] if heads else attention_before
         KVCache.update_and_fetch = current["update"] if slices else update_before
@@ -149,6 +168,9 @@ def main() -> None:
     variants = [("before", False, ("base", False, False)), ("+ext", False, ("new", False, False)),
                 ("+heads", False, ("new", True, False)), ("+cache", False, ("new", True, True)),
                 ("after (+greedy)", True, ("new", True, True))]
+    if a.bias:
+        variants = [("before", True, ("new", True, True, default_threads, False)),
+                    ("bias inside qmatvec", True, ("new", True, True))]
     if a.exp_ext:
         variants.append(("after + exp-ext", True, ("exp", True, True)))
     if a.threads:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -11,7 +10,6 @@ from typing import Any, Iterator, Sequence
 import mlx.core as mx
 
 from . import backends, settings
-from .backends.metal.memory import wired_limit
 from .errors import ConfigError, MlxgenError, PromptTooLongError
 from .prefill import prefill
 from .sampling import StreamSampler, sample_utils
@@ -141,8 +139,22 @@ def stream_generate(model, tokenizer: Tokenizer, prompt: Prompt, **kw: Any) -> I
     recompute_strategy: for segment prompts (mlxgen.reuse). parse_special: parse control
     tokens written in prompt text (off by default: text is encoded literally, see README)."""
     # Metal: the weights stay wired while generating (as mlx-lm); elsewhere nothing to do.
-    with wired_limit(model) if model.runtime.wired_limit else contextlib.nullcontext():
+    if not model.runtime.wired_limit:
         yield from _stream_generate(model, tokenizer, prompt, **kw)
+        return
+    from .backends.metal.memory import wired_limit  # Metal only: not imported elsewhere
+
+    with wired_limit(model):
+        yield from _stream_generate(model, tokenizer, prompt, **kw)
+
+
+def _is_segments(prompt: Prompt) -> bool:
+    # Text, token ids or chat messages never import mlxgen.reuse (a Chunk exists only once it is).
+    if not isinstance(prompt, (list, tuple)) or all(isinstance(t, (int, dict)) for t in prompt):
+        return False
+    from .reuse.compose import is_segments
+
+    return is_segments(prompt)
 
 
 def _stream_generate(
@@ -159,16 +171,17 @@ def _stream_generate(
     **sampling: Any,
 ) -> Iterator[GenerationResponse]:
     """stream_generate's body, run inside its memory context."""
-    from .reuse.compose import is_segments, plan
-    from .reuse.recompute import check_strategy
-
     start = time.perf_counter()
     backends.check_environment()
     params = SamplingParams(**sampling)
     settings.recompute_fraction(recompute)  # validated for every prompt form, used by segments
     if recompute_strategy is not None:
+        from .reuse.recompute import check_strategy
+
         check_strategy(recompute_strategy)
-    if is_segments(prompt):
+    if _is_segments(prompt):
+        from .reuse.compose import plan
+
         composed = plan(model, tokenizer, prompt, parse_special=parse_special)
         ids = composed.ids
     else:

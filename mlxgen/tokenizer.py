@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 import threading
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -119,6 +117,8 @@ class Tokenizer:
             )
         messages = _check_messages(messages)
         if self._template is None:
+            from datetime import datetime
+
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
             env = ImmutableSandboxedEnvironment(
@@ -143,6 +143,8 @@ class Tokenizer:
         Control strings inside messages are swapped for random markers before rendering, so
         after rendering every remaining control string is the template's own. A chat without
         control strings in its messages is encoded exactly as before (one pass, parsed)."""
+        import secrets  # chat only: not part of `import mlxgen`
+
         messages = _check_messages(messages)
         found: list[str] = []
         nonce = secrets.token_hex(8)

@@ -271,3 +271,24 @@ def test_real_model_cached_is_identical(cache):
     assert_same_model(first, second)
     tokens = _greedy(second, 12)
     assert _greedy(first, 12) == tokens and second[1].decode(tokens).strip()
+
+
+def test_a_tokenizer_that_fails_on_its_thread_is_a_load_error(cache, model_file, monkeypatch):
+    # A cached entry's tokenizer is built on a thread while MLX reads the weights: what that
+    # thread raises reaches load() as a clear error, and cache=False still loads.
+    import tokenizers
+
+    from mlxgen.errors import ModelLoadError
+
+    mlxgen.load(model_file)
+
+    class Refusing:
+        @staticmethod
+        def from_str(text):
+            raise ValueError("refused")
+
+    with monkeypatch.context() as m:
+        m.setattr(tokenizers, "Tokenizer", Refusing)
+        with pytest.raises(ModelLoadError, match="cache=False"):
+            mlxgen.load(model_file)
+    assert mlxgen.load(model_file, cache=False)[1].encode("the cat")

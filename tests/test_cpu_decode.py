@@ -212,10 +212,24 @@ def test_decode_steps_are_lean_and_match_the_full_forward(ext, arch, tmp_path, m
     assert ops["MlxgenDecodeAttention"] == len(model.layers), ops
 
 
+def _bias_adds(path) -> int:
+    # Add nodes whose inputs are a qmatvec's output and a Broadcast's (a projection's bias added
+    # after the kernel), in a step graph exported by _step_ops.
+    text = path.read_text()
+    label = dict(re.findall(r'\{ (\d+) \[label ="([^"]*)"', text))
+    made_by = {out: label[node] for node, out in re.findall(r'^(\d+) -> "([^"]+)"', text, re.M)}
+    inputs = collections.defaultdict(set)
+    for arr, node in re.findall(r'^"([^"]+)" -> (\d+)', text, re.M):
+        inputs[node].add(made_by.get(arr))
+    return sum(label[n] == "Add" and {"MlxgenQuantMatvec", "Broadcast"} <= ins for n, ins in inputs.items())
+
+
 @kernels
-def test_quantized_decode_steps_are_lean(ext, tmp_path):
+@pytest.mark.parametrize("arch", ["smollm2", "qwen2"])
+def test_quantized_decode_steps_are_lean(ext, arch, tmp_path, monkeypatch):
     # The quantized projections (qmatvec) take their inputs as they are too: no Contiguous node
-    # per input, and the step still gives the MLX ops' logits on the same packed weights.
+    # per input, Qwen2's q/k/v biases added inside the kernel (no Broadcast + Add per projection),
+    # and the step still gives the MLX ops' logits on the same packed weights.
     import mlx.nn as nn
     from reuse_helpers import max_diff, tiny_model, token_ids
 
@@ -223,8 +237,10 @@ def test_quantized_decode_steps_are_lean(ext, tmp_path):
 
     from mlxgen.models.llama import TransformerBlock
 
-    model, ids = tiny_model("smollm2"), token_ids(10)
+    model, ids = tiny_model(arch), token_ids(10)
     nn.quantize(model, group_size=32, bits=4)
+    biased = sum(isinstance(m, nn.QuantizedLinear) and "bias" in m for _, m in model.named_modules())
+    assert biased == (3 * len(model.layers) if arch == "qwen2" else 0)
     got = {}
     for backend in ("mlx", "cpu"):
         backends.prepare(model, backend)
@@ -236,3 +252,12 @@ def test_quantized_decode_steps_are_lean(ext, tmp_path):
     assert max_diff(got["cpu"], got["mlx"]) < 1e-3
     ops = _step_ops(model, cache, ids[9], tmp_path / "step.dot")
     assert ops["MlxgenQuantMatvec"] >= 7 * len(model.layers) and "Contiguous" not in ops, ops
+    assert _bias_adds(tmp_path / "step.dot") == 0, ops
+    if biased:  # the bias added after the kernel, as before: the check counts every one
+        def bias_after(self, x):
+            y = cpu_layers._quantized_product(x, self)
+            return y + self.bias if "bias" in self else y
+
+        monkeypatch.setattr(cpu_layers.CpuQuantizedLinear, "__call__", bias_after)
+        _step_ops(model, cache, ids[9], tmp_path / "after.dot")
+        assert _bias_adds(tmp_path / "after.dot") == biased

@@ -54,11 +54,37 @@ def test_bfloat16_scales_and_leading_dims(ext, bits):
     assert_matches_mlx(got, x, q, s, b, bits, 64)
 
 
-def test_bias_vector_is_added(ext):
-    q, s, b = quantized(129, 384, 4, 32)
-    x, bias = mx.random.normal((3, 384)), mx.random.normal((129,))
-    want = cpu_quant.qmatvec(x, q, s, b, 4, 32) + bias
-    assert mx.array_equal(cpu_quant.qmatvec(x, q, s, b, 4, 32, bias=bias), want)
+@pytest.mark.parametrize("bits", [3, 4, 6, 8])
+@pytest.mark.parametrize("bias_dtype", [mx.float32, mx.float16, mx.bfloat16])
+def test_bias_is_added_in_the_kernel(ext, bits, bias_dtype):
+    # Odd n (rows split unevenly over threads), 1 to 17 rows: the kernel's per-row epilogue adds
+    # the bias exactly as MLX's `y + bias` (one float32 rounding), so equal bit for bit.
+    for n, k, group_size in ((129, 384, 32), (7, 256, 128), (1, 64, 64)):
+        q, s, b = quantized(n, k, bits, group_size, mx.float16, seed=n + bits)
+        bias = (4 * mx.random.normal((n,), key=mx.random.key(n))).astype(bias_dtype)
+        for rows in (1, 3, 17):
+            x = mx.random.normal((rows, k), key=mx.random.key(rows))
+            got = ext.qmatvec(x, q, s, b, bits, group_size, 2, bias)
+            assert got.dtype == mx.float32
+            assert mx.array_equal(got, ext.qmatvec(x, q, s, b, bits, group_size, 2) + bias).item()
+            want = mx.quantized_matmul(x, q, s, b, transpose=True, group_size=group_size, bits=bits) + bias
+            assert_matches_mlx(got - bias, x, q, s, b, bits, group_size)
+            assert mx.allclose(got, want.astype(mx.float32), rtol=1e-5, atol=1e-4).item()
+    x = mx.random.normal((2, 3, k))  # leading dimensions, and the checked wrapper
+    got = cpu_quant.qmatvec(x, q, s, b, bits, group_size, bias=bias)
+    assert got.shape == (2, 3, n)
+    assert mx.array_equal(got, cpu_quant.qmatvec(x, q, s, b, bits, group_size) + bias).item()
+
+
+@pytest.mark.parametrize("bias,message", [(mx.zeros((8, 1)), "shape"), (mx.zeros((9,)), "shape"),
+                                          (mx.zeros((8,), mx.int32), "float32")])
+def test_bad_bias_raises_clearly(ext, bias, message):
+    q, s, b = quantized(8, 128, 4, 32)
+    x = mx.random.normal((1, 128))
+    with pytest.raises(ConfigError, match=message):
+        cpu_quant.qmatvec(x, q, s, b, 4, 32, bias=bias)
+    with pytest.raises(ValueError, match=message):
+        ext.qmatvec(x, q, s, b, 4, 32, 2, bias)
 
 
 def test_non_contiguous_inputs(ext):
@@ -66,6 +92,8 @@ def test_non_contiguous_inputs(ext):
     x = mx.random.normal((256, 4)).T  # a transposed view
     got = ext.qmatvec(x, q[::2], s[::2], b[::2], 6, 32, 2)  # every other weight row
     assert_matches_mlx(got, x, q[::2], s[::2], b[::2], 6, 32)
+    bias = mx.random.normal((64,))[::2]  # a strided bias, made dense at eval
+    assert mx.array_equal(ext.qmatvec(x, q[::2], s[::2], b[::2], 6, 32, 2, bias), got + bias).item()
 
 
 @pytest.mark.parametrize("bits", cpu_quant.BITS)

@@ -123,13 +123,55 @@ def test_models_never_ask_where_they_run(graph):
             assert not any(d.startswith("mlxgen.backends") for d in deps), (name, deps)
 
 
-def test_import_mlxgen_stays_light():
+# Imported on first use, not by `import mlxgen`, nor by loading and running a Llama-family model
+# on the CPU: K/V reuse, the Metal backend, the other model families, PyPI fetching, and
+# everything above the public API.
+LAZY = ("mlxgen.reuse", "mlxgen.backends.metal", "mlxgen.models.gemma", "mlxgen.models.qwen3_moe",
+        "mlxgen.loading.pypi", "mlxgen.server", "mlxgen.bench", "mlxgen.cli", "mlxgen.info")
+# ... and, for `import mlxgen` alone, the CPU backend, Hugging Face reading, and stdlib modules
+# only a build, a download or a chat template needs.
+LAZY_AT_IMPORT = LAZY + ("mlxgen.backends.cpu", "mlxgen.loading.hf", "subprocess", "tempfile",
+                         "platform", "secrets", "datetime", "zipfile")
+
+LIGHT_CHILD = """
+import sys, mlxgen
+def loaded(names):
+    return sorted(m for m in sys.modules if any(m == n or m.startswith(n + ".") for n in names))
+print(loaded({heavy!r} + {lazy_at_import!r}))
+model, tok = mlxgen.load(sys.argv[1])
+text = mlxgen.generate(model, tok, "Hello", max_tokens=3)
+cpu = mlxgen.backends.device.is_cpu()
+print(loaded({lazy!r} if cpu else ()))
+# The public names are all still there (imported now, on first use).
+import mlxgen.reuse, mlxgen.reuse.session
+assert mlxgen.Chunk is mlxgen.reuse.Chunk and mlxgen.ChunkStore is mlxgen.reuse.ChunkStore
+assert mlxgen.Session is mlxgen.reuse.session.Session
+ns = {{}}
+exec("from mlxgen import *", ns)
+assert set(mlxgen.__all__) <= set(ns) and set(mlxgen.__all__) <= set(dir(mlxgen)), mlxgen.__all__
+print("ok", cpu)
+"""
+
+
+def test_import_mlxgen_stays_light(tmp_path):
     """`import mlxgen` is part of every fresh process's wait (a cached load needs no numpy, no
-    gguf, no tqdm or jinja2): they are imported where they are used."""
+    gguf, no tqdm or jinja2, no module it does not run): they are imported where they are used.
+    Loading a tiny Llama and generating on the CPU imports none of LAZY either."""
+    import os
     import subprocess
     import sys
 
+    from mlxgen.bench.tiny import write_tiny_llama
+
+    write_tiny_llama(tmp_path / "tiny", layers=1, vocab_size=300)
     heavy = ("numpy", "gguf", "tqdm", "jinja2", "transformers", "torch")
-    code = f"import sys, mlxgen; print([m for m in {heavy!r} if m in sys.modules])"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    code = LIGHT_CHILD.format(heavy=heavy, lazy_at_import=LAZY_AT_IMPORT, lazy=LAZY)
+    # Kernels off: the same modules are imported, and an empty kernel cache is never built here.
+    env = dict(os.environ, MLXGEN_CPU_KERNELS="off")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "tiny")], capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    at_import, after_generate, ok = out.stdout.strip().splitlines()[-3:]
+    assert at_import == "[]", at_import
+    assert after_generate == "[]", after_generate
+    assert ok.startswith("ok"), out.stdout

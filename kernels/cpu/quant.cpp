@@ -9,11 +9,13 @@
 // the bias, exactly as mx.dequantize does.
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -199,6 +201,8 @@ struct QWeight {
   ScaleType st;
   int64_t n, k, gs;
   const uint8_t* end;  // one past the packed codes: unpack reads kRead bytes, never past here
+  const void* out_bias = nullptr;  // qmatvec's optional (n,) bias of the layer, added per output
+  ScaleType out_bias_type = ScaleType::f32;
 };
 
 // A group's packed bytes, copied into `pad` when a kRead-byte read from its last vector would
@@ -287,7 +291,12 @@ void qmatvec_rows(const QWeight& q, const float* x, const float* xsum, float* y,
     const float* bi = row_floats(q.biases, q.st, j, G, bbuf.data());
     for (int64_t g = 0; g < Gp; g += L)  // the bias term, lane-wise into the same accumulators
       for (int r = 0; r < M; ++r) acc[r] = fmadd(qload(bi + g), qload(xsum + r * Gp + g), acc[r]);
-    for (int r = 0; r < M; ++r) y[r * q.n + j] = hsum(acc[r]);
+    if (q.out_bias) {  // one float32 add, as MLX's `y + bias` rounds it (any bias dtype widens exactly)
+      float add = scale_at(q.out_bias, q.out_bias_type, j);
+      for (int r = 0; r < M; ++r) y[r * q.n + j] = hsum(acc[r]) + add;
+    } else {
+      for (int r = 0; r < M; ++r) y[r * q.n + j] = hsum(acc[r]);
+    }
   }
 }
 
@@ -446,25 +455,31 @@ QWeight weight_view(const std::vector<mx::array>& in, ScaleType st, int64_t k, i
 }
 
 mx::array qmatvec_op(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
-                     int bits, int group_size, int threads) {
+                     int bits, int group_size, int threads, const std::optional<mx::array>& bias) {
   int64_t k = check_weight("qmatvec", w, scales, biases, bits, group_size);
   if (x.dtype() != mx::float32) bad("qmatvec: x must be float32.");
   if (x.ndim() < 1 || x.shape(-1) != k)
     bad("qmatvec: x's last dimension must be the weight's row length " + std::to_string(k) + ".");
+  int64_t n = w.shape(0), m = k ? x.size() / k : 0;
+  if (bias && (bias->ndim() != 1 || bias->shape(0) != n))
+    bad("qmatvec: bias must have shape (" + std::to_string(n) + ",), one value per row of w.");
+  if (bias && bias->dtype() != mx::float32 && bias->dtype() != mx::float16 && bias->dtype() != mx::bfloat16)
+    bad("qmatvec: bias must be float32, float16 or bfloat16.");
   auto s = cpu_stream();
-  // CpuKernel makes the inputs dense at eval, where they rarely need it (no graph node per input)
-  const auto &xc = x, &wc = w, &sc = scales, &bc = biases;
-  int64_t n = w.shape(0), m = k ? xc.size() / k : 0;
-  auto shape = xc.shape();
+  auto shape = x.shape();
   shape.back() = static_cast<int>(n);
-  ScaleType st = scale_type(scales);
+  ScaleType st = scale_type(scales), bt = bias ? scale_type(*bias) : ScaleType::f32;
+  // CpuKernel makes the inputs dense at eval, where they rarely need it (no graph node per input).
+  // The layer's bias rides along as a fifth input: no Broadcast + Add nodes per projection.
+  std::vector<mx::array> inputs = {x, w, scales, biases};
+  if (bias) inputs.push_back(*bias);
   Kernel fn = [=](const std::vector<mx::array>& in, float* out) -> Task {
-    return [=, q = weight_view({in[1], in[2], in[3]}, st, k, group_size), xp = in[0].data<float>()] {
-      qmatvec(q, bits, xp, out, m, threads);
-    };
+    QWeight q = weight_view({in[1], in[2], in[3]}, st, k, group_size);
+    if (in.size() > 4) q.out_bias = in[4].data<void>(), q.out_bias_type = bt;
+    return [=, xp = in[0].data<float>()] { qmatvec(q, bits, xp, out, m, threads); };
   };
   return mx::array(shape, mx::float32, std::make_shared<CpuKernel>(s, "MlxgenQuantMatvec", std::move(fn)),
-                   {xc, wc, sc, bc});
+                   std::move(inputs));
 }
 
 mx::array dequantize_op(const mx::array& w, const mx::array& scales, const mx::array& biases, int bits,
@@ -492,7 +507,7 @@ void mlxgen::qmatvec(const void* w, const void* scales, const void* biases, int 
 // Called from fast_math.cpp's module definition.
 void add_quant_ops(nb::module_& m) {
   m.def("qmatvec", &qmatvec_op, nb::arg("x"), nb::arg("w"), nb::arg("scales"), nb::arg("biases"),
-        nb::arg("bits"), nb::arg("group_size"), nb::arg("threads"));
+        nb::arg("bits"), nb::arg("group_size"), nb::arg("threads"), nb::arg("bias") = nb::none());
   m.def("dequantize", &dequantize_op, nb::arg("w"), nb::arg("scales"), nb::arg("biases"), nb::arg("bits"),
         nb::arg("group_size"), nb::arg("threads"));
 }

@@ -10,14 +10,26 @@ a backend's layer subclasses and ops, and records the choice (mlxgen/runtime.py)
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 import mlx.core as mx
 
 from .. import settings
 from ..runtime import GPU_CHUNK, Runtime
-from . import cpu, device, metal
+from . import device
 from .swap import reset
 
 BACKENDS = ("cpu", "metal", "cuda", "mlx")
+
+
+def __getattr__(name: str):
+    # cpu/ and metal/ are imported when first used: a CPU machine never imports the Metal
+    # backend's modules, a Mac never builds or imports the CPU kernels (`import mlxgen` is
+    # part of every fresh process's wait).
+    if name in ("cpu", "metal"):
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_environment() -> None:
@@ -25,7 +37,9 @@ def check_environment() -> None:
     generate call this first."""
     settings.validate_all()
     if settings.kernels_mode() == "on":  # the README promises an error where Metal kernels cannot run
-        metal.mode.require_available("MLXGEN_KERNELS=on")
+        from .metal.mode import require_available
+
+        require_available("MLXGEN_KERNELS=on")
 
 
 def keep_quantized(policy: str | None = None) -> bool:
@@ -35,7 +49,11 @@ def keep_quantized(policy: str | None = None) -> bool:
     policy = settings.quantized_policy(policy)
     if policy != "auto":
         return policy == "keep"
-    return not device.is_cpu() or cpu.quantized_kernels()
+    if not device.is_cpu():
+        return True
+    from . import cpu
+
+    return cpu.quantized_kernels()
 
 
 def dequantize_here(module, policy: str | None = None) -> bool:
@@ -51,8 +69,11 @@ def projection_scale_dtype(float_dtype):
     """The dtype in which a loader should hand over quantized projections' scales and biases for
     a model computing in float_dtype: float16 where the CPU backend would narrow them to it
     anyway (cpu.layers.narrow_scales; GGUF's scales are float16 values), else float_dtype."""
-    if float_dtype == mx.float32 and device.is_cpu() and cpu.quantized_kernels():
-        return mx.float16
+    if float_dtype == mx.float32 and device.is_cpu():
+        from . import cpu
+
+        if cpu.quantized_kernels():
+            return mx.float16
     return float_dtype
 
 
@@ -62,11 +83,16 @@ def prepare(model, backend: str | None = None) -> Runtime:
     backend = backend or device.backend_name()
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}.")
-    cpu.uninstall(model)  # float16 scales back to the float32 they were loaded as
+    if (cpu := sys.modules.get(f"{__name__}.cpu")) is not None:  # only it can have installed
+        cpu.uninstall(model)  # float16 scales back to the float32 they were loaded as
     reset(model)
     if backend == "cpu":
+        from . import cpu
+
         runtime = cpu.install(model)
     elif backend == "metal":
+        from . import metal
+
         runtime = metal.install(model)
     else:
         runtime = Runtime(backend="mlx", prefill_chunk_size=GPU_CHUNK)

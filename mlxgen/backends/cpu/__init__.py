@@ -6,6 +6,7 @@ float16 "Mac profile" run here) keeps MLX's own ops."""
 
 from __future__ import annotations
 
+import sys
 from functools import partial
 
 import mlx.core as mx
@@ -14,7 +15,6 @@ import mlx.nn as nn
 from ... import settings
 from ...models.attention import Attention
 from ...models.llama import MLP
-from ...models.qwen3_moe import Experts
 from ...runtime import CPU_CHUNK, Runtime
 from ..swap import plug, swap
 from . import blas, decode, ext, ops
@@ -60,6 +60,15 @@ def uninstall(model) -> None:
     widen_scales(model)
 
 
+def _activation_owners() -> list[type]:
+    # Layers with a SwiGLU `activation`. MoE experts exist only once their family's module was
+    # imported (models/ imports a family when it builds one): the CPU backend does not import it.
+    owners = [MLP]
+    if (moe := sys.modules.get("mlxgen.models.qwen3_moe")) is not None:
+        owners.append(moe.Experts)
+    return owners
+
+
 def install(model) -> Runtime:
     """mlxgen's CPU ops in `model` (MLXGEN_CPU_FAST_OPS / MLXGEN_CPU_KERNELS, read now)."""
     raise_cache_limit(cache_limit_for(model))
@@ -72,7 +81,7 @@ def install(model) -> Runtime:
         if narrow_scales(model):
             mx.clear_cache()  # the float32 scales just freed would stay in MLX's buffer cache
     plug(model, Attention, "sdpa", partial(ops.scaled_dot_product_attention, ext=module))
-    for owner in (MLP, Experts):
+    for owner in _activation_owners():
         plug(model, owner, "activation", partial(ops.silu_mul, ext=module))
     return Runtime(backend="cpu", prefill_chunk_size=CPU_CHUNK, kv_dtype=kv_dtype(module is not None))
 

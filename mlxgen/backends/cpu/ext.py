@@ -18,11 +18,8 @@ import hashlib
 import importlib.util
 import logging
 import os
-import platform
 import shutil
-import subprocess
 import sys
-import tempfile
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -48,10 +45,14 @@ def _cpu_flags() -> str:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             return next((line for line in f if line.startswith("flags")), "")
     except OSError:
+        import platform
+
         return platform.processor()
 
 
 def _versions() -> str:
+    import platform
+
     import mlx.core as mx
 
     try:
@@ -83,6 +84,9 @@ def build() -> Path:
         if trust.safe_to_load(lib):
             return lib
         out = _set_aside_untrusted(out, lib)
+    import subprocess  # building: once per machine, not part of `import mlxgen`
+    import tempfile
+
     cmake = shutil.which("cmake") or shutil.which("cmake", path=str(Path(sys.executable).parent))
     if cmake is None:
         raise CpuKernelBuildError("cmake was not found on PATH; install cmake (apt or pip).")

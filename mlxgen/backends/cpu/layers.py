@@ -52,7 +52,7 @@ class CpuEmbedding(nn.Embedding):
 QUANT_BITS, QUANT_GROUPS = (2, 3, 4, 5, 6, 8), (32, 64, 128)  # what kernels/cpu/quant.cpp takes
 
 
-def _quantized_product(x: mx.array, layer: nn.Module) -> mx.array | None:
+def _quantized_product(x: mx.array, layer: nn.Module, bias: mx.array | None = None) -> mx.array | None:
     # The weight's shapes were checked at load; only what varies per call is checked here.
     if x.dtype != mx.float32 or getattr(layer, "mode", "affine") != "affine":
         return None
@@ -61,16 +61,16 @@ def _quantized_product(x: mx.array, layer: nn.Module) -> mx.array | None:
     kernels = ext.loaded()
     args = (layer.weight, layer.scales, layer.biases, layer.bits, layer.group_size, MATVEC_THREADS)
     if x.size // x.shape[-1] <= QMATVEC_ROWS:
-        return kernels.qmatvec(x, *args)
-    return x @ kernels.dequantize(*args).T
+        # The bias is added in the kernel: a decode step's graph has no Broadcast + Add per projection.
+        return kernels.qmatvec(x, *args, bias)
+    y = x @ kernels.dequantize(*args).T
+    return y if bias is None else y + bias
 
 
 class CpuQuantizedLinear(nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
-        y = _quantized_product(x, self)
-        if y is None:
-            return super().__call__(x)
-        return y + self.bias if "bias" in self else y
+        y = _quantized_product(x, self, self.get("bias"))
+        return super().__call__(x) if y is None else y
 
 
 class CpuQuantizedEmbedding(nn.QuantizedEmbedding):

@@ -61,15 +61,15 @@ def qmatvec(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: 
     if x.dtype != mx.float32 or x.ndim < 1 or x.shape[-1] != k:
         raise ConfigError(f"qmatvec: x must be float32 with last dimension {k} (the weight's rows), "
                           f"got {x.dtype} of shape {tuple(x.shape)}.")
-    if bias is not None and tuple(bias.shape) != (w.shape[0],):
-        raise ConfigError(f"qmatvec: bias must have shape ({w.shape[0]},), got {tuple(bias.shape)}.")
+    if bias is not None and (tuple(bias.shape) != (w.shape[0],) or bias.dtype not in SCALE_DTYPES):
+        raise ConfigError(f"qmatvec: bias must be float32, float16 or bfloat16 of shape ({w.shape[0]},), "
+                          f"got {bias.dtype} of shape {tuple(bias.shape)}.")
     ext = kernels()
     if ext is None:
         y = mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
         y = y.astype(mx.float32)
-    else:
-        y = ext.qmatvec(x, w, scales, biases, bits, group_size, _threads())
-    return y if bias is None else y + bias
+        return y if bias is None else y + bias
+    return ext.qmatvec(x, w, scales, biases, bits, group_size, _threads(), bias)  # bias added in the kernel
 
 
 def dequantize(w: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int) -> mx.array:
