@@ -76,28 +76,31 @@ class CpuTransformerBlock(TransformerBlock):
         return self.decode_step(x, cache, steps)
 
     def decode_step(self, x: mx.array, cache: KVCache, steps: _Plan) -> mx.array:
-        attn, mlp, kernels = self.self_attn, self.mlp, ext.loaded()
-        arrays = [x, self.input_layernorm.weight]
-        for p in (attn.q_proj, attn.k_proj, attn.v_proj):
-            arrays += [p.weight, p.scales, p.biases]
-        arrays.append(attn.rope.inverse_frequencies())
+        # Children and arrays by item (a Module is a dict): attribute access goes through
+        # Module.__getattr__ in Python, ~40 times per layer and token.
+        attn, mlp, kernels = self["self_attn"], self["mlp"], ext.loaded()
+        norm1, norm2, rope = self["input_layernorm"], self["post_attention_layernorm"], attn["rope"]
+        arrays = [x, norm1["weight"]]
+        for name in ("q_proj", "k_proj", "v_proj"):
+            p = attn[name]
+            arrays += [p["weight"], p["scales"], p["biases"]]
+        arrays.append(rope.inverse_frequencies())
         if steps.bias:
-            arrays += [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
+            arrays += [attn[name]["bias"] for name in ("q_proj", "k_proj", "v_proj")]
         if steps.qk_norm:
-            arrays += [attn.q_norm.weight, attn.k_norm.weight]
-        rope = attn.rope
+            arrays += [attn["q_norm"]["weight"], attn["k_norm"]["weight"]]
         q, k, v = kernels.decode_qkv(
             arrays, steps.bits_in, steps.groups_in, attn.n_heads, attn.n_kv_heads, attn.head_dim,
-            self.input_layernorm.eps, cache.offset, rope.scale, rope.traditional, rope.mscale,
-            steps.bias, steps.qk_norm, cache.keys.dtype, MATVEC_THREADS)
+            norm1.eps, cache.offset, rope.scale, rope.traditional, rope.mscale, steps.bias,
+            steps.qk_norm, cache.keys.dtype, MATVEC_THREADS)
         cache.append(k, v)
-        o = attn.o_proj
-        arrays = [x, q, cache.keys, cache.values, o.weight, o.scales, o.biases,
-                  self.post_attention_layernorm.weight]
-        for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-            arrays += [p.weight, p.scales, p.biases]
+        o = attn["o_proj"]
+        arrays = [x, q, cache.keys, cache.values, o["weight"], o["scales"], o["biases"], norm2["weight"]]
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            p = mlp[name]
+            arrays += [p["weight"], p["scales"], p["biases"]]
         return kernels.decode_out(arrays, steps.bits_out, steps.groups_out, cache.offset - cache.start,
-                                  attn.scale, self.post_attention_layernorm.eps, MATVEC_THREADS)
+                                  attn.scale, norm2.eps, MATVEC_THREADS)
 
 
 SWAPS = {TransformerBlock: CpuTransformerBlock}
