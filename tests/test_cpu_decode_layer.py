@@ -75,6 +75,20 @@ def test_fused_decode_gives_the_plain_layers_logits(ext, arch, bits, monkeypatch
         assert max_diff(b, a) < 1e-3
 
 
+def test_a_batch_of_two_sequences(ext):
+    model = _quantized("qwen2")
+    backends.prepare(model, "cpu")
+    ids = mx.array([token_ids(12, seed=1), token_ids(12, seed=2)])
+    out = {}
+    for cls in (TransformerBlock, decode.CpuTransformerBlock):
+        for layer in model.layers:
+            layer.__class__ = cls
+        cache = model.make_cache()
+        model(ids[:, :8], cache)
+        out[cls] = [model(ids[:, i : i + 1], cache)[:, -1] for i in range(8, 12)]
+    assert all(max_diff(b, a) < 1e-5 for a, b in zip(*out.values()))
+
+
 @pytest.mark.parametrize("arch", ["smollm2", "qwen2"])
 def test_a_float16_cache_by_default_on_the_cpu(ext, arch, monkeypatch):
     # float16 keys and values (as Ollama's cache): the plain and fused steps agree exactly, and
