@@ -74,6 +74,24 @@ def test_persistence_round_trip(tiny, tmp_path):
     assert meta["dtype"] == "float32" and int(meta["n_tokens"]) == len(chunk)
 
 
+def test_persistence_with_the_cpus_float16_cache(tmp_path, monkeypatch):
+    # The CPU's default K/V dtype (the suite runs float32): chunks are stored, checked and served
+    # from disk in float16, not set aside and re-encoded for a dtype mismatch.
+    from mlxgen import backends
+
+    monkeypatch.delenv("MLXGEN_KV_DTYPE", raising=False)
+    model = tiny_model("qwen2", vocab_size=300)
+    if backends.prepare(model, "cpu").kv_dtype != "float16":
+        pytest.skip("the CPU kernels are not built here")
+    assert model.kv_dtype == mx.float16
+    first = ChunkStore(model, None, path=tmp_path)
+    chunk = first.add(token_ids(20, seed=4))
+    assert first.get(chunk).keys.dtype == mx.float16
+    second = ChunkStore(model, None, path=tmp_path)
+    assert second.get(second.add(token_ids(20, seed=4))).keys.dtype == mx.float16
+    assert second.encoded == 0 and not list(tmp_path.glob("*.foreign")) + list(tmp_path.glob("*.corrupt"))
+
+
 def _damage(file, how):
     data = bytearray(file.read_bytes())
     if how == "truncate":

@@ -110,6 +110,15 @@ class Model(nn.Module):
     def layers(self) -> list[TransformerBlock]:
         return self.model.layers
 
+    @property
+    def kv_dtype(self) -> mx.Dtype:
+        """The dtype its caches hold keys and values in: the runtime's choice (a float16 cache on
+        the CPU), else the dtype it computes in (a quantized embedding's: its scales')."""
+        if self.runtime.kv_dtype:
+            return getattr(mx, self.runtime.kv_dtype)
+        embed = self.model.embed_tokens
+        return embed.scales.dtype if "scales" in embed else embed.weight.dtype
+
     def make_cache(self, mode: str | None = None, keep_all: bool = False) -> list[KVCache]:
         """A fresh cache; mode "standard" or "pre-rope" (default: MLXGEN_CACHE_MODE, else the
         mode chosen for this device at load). Sliding-window layers get windowed caches, which

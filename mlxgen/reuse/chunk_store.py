@@ -245,8 +245,7 @@ class ChunkStore:
         return len(self.model.layers), args.num_key_value_heads, args.head_dim
 
     def _kv_dtype(self) -> mx.Dtype:
-        embed = self.model.model.embed_tokens
-        return embed.scales.dtype if "scales" in embed else embed.weight.dtype  # quantized: scales
+        return self.model.kv_dtype
 
     def _check_fits(self, n_tokens: int) -> None:
         layers, heads, dim = self._kv_shape()

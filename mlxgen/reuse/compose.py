@@ -143,7 +143,4 @@ def _place_zeros(model, cache: list[KVCache], n: int) -> None:
 
 
 def _dtype(cache: list[KVCache], model) -> mx.Dtype:
-    if cache[0].keys is not None:
-        return cache[0].keys.dtype
-    embed = model.model.embed_tokens
-    return embed.scales.dtype if "scales" in embed else embed.weight.dtype
+    return cache[0].keys.dtype if cache[0].keys is not None else model.kv_dtype
