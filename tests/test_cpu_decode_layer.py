@@ -147,6 +147,17 @@ def test_float_weights_keep_the_plain_layers(ext):
     assert all(decode.plan(layer) is None for layer in model.layers)
 
 
+def test_layers_decide_again_after_prepare(ext, tmp_path):
+    model, ids = tiny_model("smollm2"), token_ids(6)
+    backends.prepare(model, "cpu")
+    mx.eval(prefill(model, ids, model.make_cache()))  # each layer decides on its first call
+    assert all(layer.__dict__["_decode_plan"] is None for layer in model.layers)  # float weights
+    backends.prepare(model, "mlx")
+    nn.quantize(model, group_size=32, bits=4)
+    backends.prepare(model, "cpu")
+    assert _step_ops(model, ids, tmp_path / "step.dot")["MlxgenDecodeQKV"] == len(model.layers)
+
+
 def test_bad_arrays_are_refused_before_any_work(ext):
     model = _quantized("smollm2")
     attn = model.layers[0].self_attn

@@ -58,6 +58,7 @@ def quantized_kernels() -> bool:
 def uninstall(model) -> None:
     """Undo what install changed beyond the swaps (backends.prepare resets those)."""
     widen_scales(model)
+    decode.forget_plans(model)
 
 
 def _activation_owners() -> list[type]:

@@ -65,6 +65,12 @@ def plan(block: TransformerBlock) -> _Plan | None:
                  [p.group_size for p in outs], bias, qk_norm)
 
 
+def forget_plans(model: nn.Module) -> None:
+    """Drop every layer's plan (made on its first call): the next install decides afresh."""
+    for _, module in model.named_modules():
+        module.__dict__.pop("_decode_plan", None)
+
+
 class CpuTransformerBlock(TransformerBlock):
     def __call__(self, x: mx.array, cache=None, last_only: bool = False) -> mx.array:
         steps = self.__dict__.get("_decode_plan", False)
