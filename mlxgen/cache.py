@@ -33,7 +33,9 @@ class KVCache:
     step = 256
     pre_rope = False
 
-    def __init__(self, window: int | None = None, keep_all: bool = False, dtype: mx.Dtype | None = None) -> None:
+    def __init__(
+        self, window: int | None = None, keep_all: bool = False, dtype: mx.Dtype | None = None
+    ) -> None:
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
         self.offset = 0  # tokens seen (the position of the next one)

@@ -23,9 +23,6 @@ inline void dense_copy(const mx::array& src, mx::array& dst) {
   }
 }
 
-// Inputs are handed to the kernel row-contiguous, except those in `strided` (bit i: input i is
-// read with its own strides). The layout is only known at eval time, where a copy is rarely
-// needed; a Contiguous node per input at graph time would cost a graph node every call.
 // Row-contiguous versions of `in` (except those in `strided`): copies are allocated here and
 // filled by the returned step, which the task runs first.
 inline std::function<void()> dense_inputs(const std::vector<mx::array>& in, uint32_t strided,

@@ -1,6 +1,6 @@
 // A decoder layer's decode step (one token per sequence) in two CPU ops instead of ~20 MLX graph
 // nodes: at one token the layer's work is mostly reading its quantized weights, and MLX's per-node
-// CPU cost (dispatch, allocation, bookkeeping) was a third of the step (bench/NOTES.md).
+// CPU cost (dispatch, allocation, bookkeeping) was a large share of the step (bench/NOTES.md).
 //
 //   decode_qkv: RMSNorm -> q, k, v projections (+ bias) -> (q/k RMSNorm) -> RoPE of q and k,
 //               k and v returned in the cache's dtype for its slice update;
@@ -10,7 +10,6 @@
 // (buffer donation); a fused op with the buffer as one of several outputs could not.
 
 #include <nanobind/nanobind.h>
-#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
 #include <cmath>

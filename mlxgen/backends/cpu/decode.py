@@ -1,8 +1,8 @@
 """A decoder layer's decode step on the CPU in two C++ ops (kernels/cpu/decode_layer.cpp).
 
 At one token a layer is ~20 MLX graph nodes (norms, seven quantized matvecs, bias adds, RoPE,
-cache views, attention, SwiGLU, residuals), and MLX's per-node CPU cost was a third of the step
-(bench/NOTES.md). Here: `decode_qkv` (norm, q/k/v projections, q/k norms, RoPE) -> the cache's
+cache views, attention, SwiGLU, residuals), and MLX's per-node CPU cost was a large share of the
+step (bench/NOTES.md). Here: `decode_qkv` (norm, q/k/v projections, q/k norms, RoPE) -> the cache's
 slice update -> `decode_out` (attention over the cache buffer, output projection, residual, norm,
 SwiGLU MLP, residual). Layers the ops do not cover (float weights, a mixture of experts, a sliding
 window, partial rotary, pre-RoPE caches, several tokens) run as plain MLX layers."""
