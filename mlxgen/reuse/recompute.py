@@ -13,7 +13,8 @@ through every layer, attending to everything before them, recovers most of the d
   (bench/NOTES.md).
 Text (before, between and after the chunks) is always computed here, in the same pass as the
 recomputed chunk tokens: one pass through the layers for the whole prompt. Recomputed tokens sit
-at scattered positions, so they are run through the layers with an explicit mask via ScatterView."""
+at scattered positions, so they are run through the layers with an explicit mask via ScatterView.
+Ape (optional, off by default): APE's temperature/scale on the placed keys left as stored."""
 
 from __future__ import annotations
 
