@@ -36,10 +36,6 @@ SINK_TOKENS = 4
 CONTEXT_FIRST = 16  # "auto", chunks stored after a context: first tokens per chunk
 
 
-def _dtype(cache: KVCache) -> mx.Dtype:
-    return cache.keys.dtype
-
-
 class ScatterView:
     """One layer's cache as seen by queries at scattered, already-cached positions: their new
     K/V overwrite the cached ones, and each query attends to every cached token at or before it."""
@@ -52,7 +48,7 @@ class ScatterView:
         self.window = cache.window
         self.mask = cache.visible(positions, n_keys)  # a windowed layer sees less
         if bias is not None:  # an additive logit offset per key (APE's scale: log S)
-            seen = bias[cache.start : n_keys].astype(_dtype(cache))
+            seen = bias[cache.start : n_keys].astype(cache.keys.dtype)
             self.mask = mx.where(self.mask, seen[None], mx.array(-mx.inf, seen.dtype))
 
     def rotate_and_update(self, queries, keys, values, rope):
@@ -148,7 +144,7 @@ def recompute_placed(
     selected = sorted(set(chosen) | set(text_positions))
     if h is None:
         h = model.model.embed(ids[mx.array(selected)][None])
-    bias = _apply_ape(cache, spans, chosen, ape) if ape is not None else None
+    bias = _apply_ape(cache, spans, chosen, ape, done) if ape is not None else None
     h = forward_at(model, cache, selected, h, range(done, n_layers), block, bias)
     return len(chosen), h[:, -1:]
 
@@ -171,11 +167,13 @@ def _check_pass(model, cache, ids, spans, text_positions, budget, strategy, bloc
     return chosen, h[:, mx.array([index[p] for p in selected])], c
 
 
-def _apply_ape(cache: list[KVCache], spans, chosen: Sequence[int], ape: Ape) -> mx.array | None:
-    """Fold 1/temperature into the placed chunks' stored keys (recomputed tokens get fresh keys
-    in the pass anyway); return the log-scale bias over key positions (None if scale is 1)."""
+def _apply_ape(cache: list[KVCache], spans, chosen: Sequence[int], ape: Ape, first_layer: int
+               ) -> mx.array | None:
+    """Fold 1/temperature into the placed chunks' stored keys from `first_layer` on (a check
+    pass made the layers before exact; recomputed tokens get fresh keys in the pass anyway);
+    return the log-scale bias over key positions (None if scale is 1)."""
     if ape.temperature != 1:
-        for c in cache:
+        for c in cache[first_layer:]:
             for start, n in spans:
                 a, b = max(start - c.start, 0), start + n - c.start
                 if b > a:
