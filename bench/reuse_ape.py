@@ -66,7 +66,8 @@ def main() -> None:
                  "kl_first": statistics.mean(r["kl_first"] for r in v),
                  "prefix": statistics.mean(r["prefix"] for r in v), "n": len(v)}
              for k, v in rows.items()}
-    lines = [f"## APE sweep: {a.model}, {a.set}, {a.questions} questions, context-stored chunks", "",
+    lines = [f"## APE sweep: {a.model}, {a.set}, {a.questions} questions, context-stored chunks",
+             "",
              "| setting | agreement mean / min | mean KL | first-token KL | identical prefix |",
              "|---|---|---|---|---|"]
     for k, r in table.items():

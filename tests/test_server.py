@@ -266,8 +266,9 @@ def test_documents_extension_reuses_chunks(server, clients):
 
 
 def test_documents_are_stored_after_the_prompts_head(server):
-    """Chat documents go after the template head (system prompt, start of the user turn) and are
-    stored with it as context: a repeated request reuses them, another system prompt gets its own."""
+    """Chat documents go after the template head (system prompt, start of the user turn) and
+    are stored with it as context: a repeated request reuses them, another system prompt gets
+    its own."""
     url, m = server
     doc = "The ledger lists seven lanterns and a brass bell. " * 6
 
