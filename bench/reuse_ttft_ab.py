@@ -27,6 +27,7 @@ from mlxgen.cache import make_cache
 from mlxgen.prefill import prefill
 from mlxgen.reuse import ChunkStore
 from mlxgen.reuse.compose import plan
+from mlxgen.reuse.recompute import Ape
 
 DEFAULT = ("alone/none,alone/auto,alone/mixed/0.15,context/none,context/auto,"
            "context/first/0.05,context/first/0.15")
@@ -40,12 +41,17 @@ def main() -> None:
     p.add_argument("--questions", type=int, default=1, help="per document set")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--settings", default=DEFAULT)
+    p.add_argument("--ape", default="", help="T:S: also time each context setting with APE's "
+                   "temperature/scale (recompute.Ape)")
     p.add_argument("--out", default="")
     args = p.parse_args()
-    grid = parse_settings(args.settings)
+    grid = [(*g, None) for g in parse_settings(args.settings)]
+    if args.ape:
+        ape = Ape(*(float(x) for x in args.ape.split(":")))
+        grid += [(*g[:3], ape) for g in grid if g[0] == "context"]
     model, tok = load(args.model)
     mx.eval(prefill(model, list(range(64)), make_cache(len(model.layers))))  # warm-up
-    ratios: dict[str, list[float]] = {f"{s} {g} {f}": [] for s, g, f in grid}
+    ratios: dict[str, list[float]] = {_name(g): [] for g in grid}
     load_start = os.getloadavg()
     for docset in doc_sets(args.docs):
         docs = [fit(tok, d, 512) for d in docset.docs]
@@ -63,14 +69,15 @@ def main() -> None:
                     if g is None:
                         mx.eval(prefill(model, ids, make_cache(len(model.layers))))
                     else:
-                        store, strategy, f = g
+                        store, strategy, f, ape = g
                         comp = plan(model, tok, segs[store], parse_special=True)
                         _, logits = comp.run(model, recompute=f, recompute_strategy=None
-                                             if strategy in ("none", "auto") else strategy)
+                                             if strategy in ("none", "auto") else strategy,
+                                             ape=ape)
                         mx.eval(logits)
                     times[g] = time.perf_counter() - start
-                for (s, g, f) in grid:
-                    ratios[f"{s} {g} {f}"].append(times[None] / times[(s, g, f)])
+                for g in grid:
+                    ratios[_name(g)].append(times[None] / times[g])
                 print(f"{docset.name} round {r}: cold {times[None]:.2f} s; " + ", ".join(
                     f"{k}: {ratios[k][-1]:.1f}x" for k in ratios), flush=True)
     print(f"load average {load_start} -> {os.getloadavg()}")
@@ -81,6 +88,11 @@ def main() -> None:
         with open(args.out, "w") as fh:
             json.dump({"model": args.model, "docs": args.docs, "ratios": ratios,
                        "load": [load_start, os.getloadavg()]}, fh, indent=1)
+
+
+def _name(g) -> str:
+    s, strategy, f, ape = g
+    return f"{s} {strategy} {f}" + (f" ape {ape.temperature:g}:{ape.scale:g}" if ape else "")
 
 
 if __name__ == "__main__":

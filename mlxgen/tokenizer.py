@@ -143,6 +143,12 @@ class Tokenizer:
         Control strings inside messages are swapped for random markers before rendering, so
         after rendering every remaining control string is the template's own. A chat without
         control strings in its messages is encoded exactly as before (one pass, parsed)."""
+        return self.encode_chat_split(messages, None, **kwargs)[0]
+
+    def encode_chat_split(self, messages: list[Message], marker: str | None, **kwargs: Any
+                          ) -> list[list[int]]:
+        """encode_chat, with the rendered text cut at each occurrence of `marker` (a string the
+        caller put in a message, e.g. where documents go): the ids of each piece, encoded apart."""
         import secrets  # chat only: not part of `import mlxgen`
 
         messages = _check_messages(messages)
@@ -156,8 +162,12 @@ class Tokenizer:
         control = self._control_pattern()
         messages = [_map_strings(m, lambda t: control.sub(hide, t)) for m in messages]
         text = self.apply_chat_template(messages, **kwargs)
+        pieces = text.split(marker) if marker else [text]
+        return [self._encode_rendered(p, found, nonce) for p in pieces]
+
+    def _encode_rendered(self, text: str, found: list[str], nonce: str) -> list[int]:
         if not found:
-            return self.encode(text, add_special_tokens=False)
+            return self.encode(text, add_special_tokens=False) if text else []
         ids: list[int] = []
         parts = re.split(f"\ue000{nonce}:(\\d+)\ue001", text)
         for i, part in enumerate(parts):  # template text, index of a hidden string, text, ...

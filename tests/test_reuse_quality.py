@@ -16,8 +16,9 @@ from mlxgen.cache import make_cache
 from mlxgen.prefill import prefill
 from mlxgen.reuse import ChunkStore
 from mlxgen.reuse.compose import Composition, Segment
+from mlxgen.errors import ConfigError
 from mlxgen.reuse.recompute import (
-    CHECK_LAYERS, CONTEXT_FIRST, SINK_TOKENS, _first_tokens, _pick,
+    CHECK_LAYERS, CONTEXT_FIRST, SINK_TOKENS, Ape, _first_tokens, _pick,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,6 +241,22 @@ def test_context_stored_chunks(arch):
     assert first.cached_tokens == again.cached_tokens == 22 + 24 - CONTEXT_FIRST
     assert mx.array_equal(l1, l2).item()
     assert all(mx.array_equal(a.keys, b.keys).item() for a, b in zip(c1, c2))
+    # APE's temperature/scale: (1, 1) changes nothing, recompute=1.0 still is a full prefill,
+    # and otherwise it moves the result.
+    _, _, same = run(model, ids, segments(ctx), recompute="auto", ape=Ape(1.0, 1.0))
+    assert mx.array_equal(l1, same).item()
+    _, _, full = run(model, ids, segments(ctx), recompute=1.0, ape=Ape(0.8, 0.5))
+    assert max_diff(full, want) < 1e-4
+    _, _, moved = run(model, ids, segments(ctx), recompute="auto", ape=Ape(0.8, 0.5))
+    assert max_diff(moved, l1) > 1e-3
+
+
+def test_ape_values_are_checked():
+    for bad in (0, -1.0, math.inf, math.nan, True, "0.9"):
+        with pytest.raises(ConfigError, match="APE"):
+            Ape(bad, 1.0)
+        with pytest.raises(ConfigError, match="APE"):
+            Ape(1.0, bad)
 
 
 def test_bench_settings_grid():

@@ -265,6 +265,33 @@ def test_documents_extension_reuses_chunks(server, clients):
     assert memory["chunk_store_bytes"] > 0 and memory["weights_bytes"] > 0
 
 
+def test_documents_are_stored_after_the_prompts_head(server):
+    """Chat documents go after the template head (system prompt, start of the user turn) and
+    are stored with it as context: a repeated request reuses them, another system prompt gets
+    its own."""
+    url, m = server
+    doc = "The ledger lists seven lanterns and a brass bell. " * 6
+
+    def ask(system: str, reuse: bool = True) -> tuple[str, int, int]:
+        r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+            "model": m["a"], "max_tokens": 6, "temperature": 0,
+            "messages": [{"role": "system", "content": system},
+                         {"role": "user", "content": "What does the ledger list?"}],
+            "mlxgen": {"documents": [doc], "reuse": reuse}}).json()
+        stored = httpx.get(url + "/mlxgen/memory").json()["chunk_store_bytes"]
+        return (r["choices"][0]["message"]["content"],
+                r["usage"]["prompt_tokens_details"]["cached_tokens"], stored)
+
+    before = httpx.get(url + "/mlxgen/memory").json()["chunk_store_bytes"]
+    text, _, first = ask("You keep the ledger.")
+    again, cached, second = ask("You keep the ledger.")
+    assert first > before and second == first and cached > 40  # reused, nothing new stored
+    off, off_cached, _ = ask("You keep the ledger.", reuse=False)
+    assert off_cached == 0 and text == again == off  # right after its head the chunk is exact
+    _, _, other = ask("You audit the ledger.")
+    assert other - second == first - before  # another head: the document stored again
+
+
 def test_bench_targets_measure_the_server(server):
     from mlxgen.bench.prompts import Prompt
     from mlxgen.bench.servers import OllamaTarget, OpenAITarget

@@ -24,7 +24,7 @@ from ..tokenizer import check_text
 from .chunk_store import Chunk
 from .fingerprint import model_fingerprint
 from .placement import splice
-from .recompute import check_strategy, recompute_placed
+from .recompute import Ape, check_strategy, recompute_placed
 
 
 def is_segments(prompt: Any) -> bool:
@@ -53,8 +53,10 @@ class Composition:
         recompute_strategy: str | None = None,
         prefill_chunk_size: int | None = None,
         cache_reuse: bool | None = None,
+        ape: Ape | None = None,
     ) -> tuple[list[KVCache], mx.array]:
-        """Build the cache for the whole prompt; return it and the last position's logits."""
+        """Build the cache for the whole prompt; return it and the last position's logits.
+        ape: APE's temperature/scale on the placed chunk keys left as stored (recompute.Ape)."""
         fraction = settings.recompute_fraction(recompute)
         strategy = check_strategy(recompute_strategy)
         block = chunk_size_for(model, prefill_chunk_size)
@@ -79,7 +81,7 @@ class Composition:
             text.extend(range(start + n, start + len(seg.ids)))
         contexted = all(s.chunk.context for s in self.segments if s.chunk is not None)
         recomputed, hidden = recompute_placed(model, cache, self.ids, spans, text, fraction,
-                                              strategy, block, contexted)
+                                              strategy, block, contexted, ape)
         self.cached_tokens = spliced - recomputed
         return cache, model.logits(hidden)[:, -1, :]
 

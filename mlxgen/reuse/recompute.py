@@ -13,11 +13,13 @@ through every layer, attending to everything before them, recovers most of the d
   (bench/NOTES.md).
 Text (before, between and after the chunks) is always computed here, in the same pass as the
 recomputed chunk tokens: one pass through the layers for the whole prompt. Recomputed tokens sit
-at scattered positions, so they are run through the layers with an explicit mask via ScatterView."""
+at scattered positions, so they are run through the layers with an explicit mask via ScatterView.
+Ape (optional, off by default): APE's temperature/scale on the placed keys left as stored."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import mlx.core as mx
@@ -40,10 +42,14 @@ class ScatterView:
 
     pre_rope = False  # what the attention layer sees: keys come back rotated, never a decode step
 
-    def __init__(self, cache: KVCache, positions: mx.array, n_keys: int):
+    def __init__(self, cache: KVCache, positions: mx.array, n_keys: int,
+                 bias: mx.array | None = None):
         self.cache, self.positions, self.n_keys = cache, positions, n_keys
         self.window = cache.window
         self.mask = cache.visible(positions, n_keys)  # a windowed layer sees less
+        if bias is not None:  # an additive logit offset per key (APE's scale: log S)
+            seen = bias[cache.start : n_keys].astype(cache.keys.dtype)
+            self.mask = mx.where(self.mask, seen[None], mx.array(-mx.inf, seen.dtype))
 
     def rotate_and_update(self, queries, keys, values, rope):
         write_at(self.cache, self.positions, keys, values, rope)
@@ -55,12 +61,14 @@ class ScatterView:
 
 
 def forward_at(
-    model, cache: list[KVCache], positions: Sequence[int], h: mx.array, layers: range, block: int
+    model, cache: list[KVCache], positions: Sequence[int], h: mx.array, layers: range, block: int,
+    bias: mx.array | None = None,
 ) -> mx.array:
     """Run hidden states h (1, m, D) of cached tokens at sorted `positions` through `layers`.
 
     Blocks of queries go in position order, each through all the layers, so a later block sees the
-    earlier blocks' new K/V exactly as a sequential prefill would."""
+    earlier blocks' new K/V exactly as a sequential prefill would. bias: an additive logit offset
+    per key position (None: none)."""
     outs = []
     for s in range(0, len(positions), block):
         pos_list = positions[s : s + block]
@@ -68,7 +76,7 @@ def forward_at(
         n_keys = pos_list[-1] + 1  # later keys are masked anyway: leave them out
         x = h[:, s : s + block]
         for i in layers:
-            x = model.layers[i](x, ScatterView(cache[i], pos, n_keys))
+            x = model.layers[i](x, ScatterView(cache[i], pos, n_keys, bias))
         outs.append(x)
         mx.async_eval(cache_state(cache))
     return mx.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
@@ -86,6 +94,23 @@ def check_strategy(strategy: str | None) -> str:
     return strategy
 
 
+@dataclass(frozen=True)
+class Ape:
+    """APE's attention adjustment (Yang et al., ICLR 2025) for placed chunk keys that were not
+    recomputed: their logits divided by `temperature` (folded into the stored keys, so every
+    later query, decode included, sees it) and their attention weights multiplied by `scale`
+    (an additive log-scale in the mask: the prompt's own pass only). (1, 1) changes nothing."""
+
+    temperature: float = 1.0
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("temperature", "scale"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise ConfigError(f"APE {name} must be a positive number; got {v!r}.")
+
+
 def recompute_placed(
     model,
     cache: list[KVCache],
@@ -96,15 +121,17 @@ def recompute_placed(
     strategy: str,
     block: int,
     contexted: bool = False,
+    ape: Ape | None = None,
 ) -> tuple[int, mx.array]:
     """Compute the text and recompute chunk tokens; spans: (start, length) of each placed chunk.
     Returns (chunk tokens recomputed through every layer, the last layer's hidden state of the
     last text position (1, 1, D)): the prompt's last token is always text. contexted: the chunks
-    were stored after a context (no spurious sinks), which "auto" takes into account."""
+    were stored after a context (no spurious sinks), which "auto" takes into account. ape:
+    adjust the attention to the placed chunk keys that stay as stored (Ape)."""
     n_chunk = sum(n for _, n in spans)
-    embed = model.model.embed
     n_layers = len(model.layers)
     ids = mx.array(list(ids))
+    h, done = None, 0  # hidden states of `selected` after the first `done` layers
     if fraction == AUTO:
         chosen = auto_tokens(spans, contexted)
     else:
@@ -112,16 +139,19 @@ def recompute_placed(
         if strategy == "first" or budget in (0, n_chunk):
             chosen = _first_tokens(spans, fraction) if budget < n_chunk else _all(spans)
         else:
-            return _recompute_deviation(model, cache, ids, spans, text_positions, budget, strategy,
-                                        block)
+            chosen, h, done = _check_pass(model, cache, ids, spans, text_positions, budget,
+                                          strategy, block)
     selected = sorted(set(chosen) | set(text_positions))
-    h = embed(ids[mx.array(selected)][None])
-    h = forward_at(model, cache, selected, h, range(n_layers), block)
+    if h is None:
+        h = model.model.embed(ids[mx.array(selected)][None])
+    bias = _apply_ape(cache, spans, chosen, ape, done) if ape is not None else None
+    h = forward_at(model, cache, selected, h, range(done, n_layers), block, bias)
     return len(chosen), h[:, -1:]
 
 
-def _recompute_deviation(model, cache, ids, spans, text_positions, budget, strategy, block):
-    # Check pass: exact K/V for the first layers, and the deviation of each chunk token.
+def _check_pass(model, cache, ids, spans, text_positions, budget, strategy, block):
+    """CacheBlend's check pass: exact K/V for the first layers and the deviation of each chunk
+    token; returns (chosen tokens, hidden states of chosen + text after those layers, layers)."""
     n_layers = len(model.layers)
     c = min(CHECK_LAYERS, n_layers)
     placed = sorted(set(_all(spans)) | set(text_positions))
@@ -134,9 +164,26 @@ def _recompute_deviation(model, cache, ids, spans, text_positions, budget, strat
     chosen = _pick(dev.astype(mx.float32).tolist(), placed, spans, budget, strategy)
     selected = sorted(set(chosen) | set(text_positions))
     index = {p: i for i, p in enumerate(placed)}
-    h = h[:, mx.array([index[p] for p in selected])]
-    h = forward_at(model, cache, selected, h, range(c, n_layers), block)
-    return len(chosen), h[:, -1:]
+    return chosen, h[:, mx.array([index[p] for p in selected])], c
+
+
+def _apply_ape(cache: list[KVCache], spans, chosen: Sequence[int], ape: Ape, first_layer: int
+               ) -> mx.array | None:
+    """Fold 1/temperature into the placed chunks' stored keys from `first_layer` on (a check
+    pass made the layers before exact; recomputed tokens get fresh keys in the pass anyway);
+    return the log-scale bias over key positions (None if scale is 1)."""
+    if ape.temperature != 1:
+        for c in cache[first_layer:]:
+            for start, n in spans:
+                a, b = max(start - c.start, 0), start + n - c.start
+                if b > a:
+                    c.keys[..., a:b, :] = c.keys[..., a:b, :] * (1 / ape.temperature)
+    if ape.scale == 1:
+        return None
+    offset = [0.0] * cache[0].offset
+    for p in set(_all(spans)) - set(chosen):
+        offset[p] = math.log(ape.scale)
+    return mx.array(offset)
 
 
 def auto_tokens(spans: Sequence[tuple[int, int]], contexted: bool) -> list[int]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import secrets
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -108,22 +109,31 @@ class Engine:
         return Done(reason, stats, load_s, first - start, end - first, 0.0)
 
     def _with_documents(self, entry, req: GenRequest, reuse: bool) -> list:
-        """Documents first, in order, then the prompt: with reuse, a segment prompt whose
-        documents are stored chunks (ChunkStore: encoded once, placed at any position); without,
+        """The prompt's head (chat: the template up to the first user message's content, i.e.
+        BOS, system prompt, start of the user turn; text: BOS if the tokenizer adds one), the
+        documents separated by blank lines, a blank line, then the rest of the prompt. With reuse
+        a segment prompt whose documents are chunks stored after that head (ChunkStore context:
+        keyed by it, so another head never gets them, and the first document is exact); without,
         the same tokens prefilled."""
         tokenizer = entry.tokenizer
-        body = (tokenizer.encode_chat(req.prompt) if isinstance(req.prompt, list)
-                else tokenizer.encode(req.prompt, add_special_tokens=False, parse_special=False))
+        head, tail = _document_frame(tokenizer, req.prompt)
         docs = [tokenizer.encode(d, add_special_tokens=False, parse_special=False)
                 for d in req.documents]
-        total, context = sum(map(len, docs)) + len(body), entry.model.args.max_position_embeddings
+        docs = [d for d in docs if d]
+        sep = tokenizer.encode(DOCUMENT_SEPARATOR, add_special_tokens=False)
+        total = len(head) + sum(map(len, docs)) + len(sep) * len(docs) + len(tail)
+        context = entry.model.args.max_position_embeddings
         if total >= context:  # before any chunk is encoded
             raise PromptTooLongError(f"the documents and prompt have {total} tokens but the "
                                      f"model's context is {context}; send fewer or shorter ones.")
         if reuse:
             store = self.pool.chunk_store(entry)
-            return [store.add(d) for d in docs if d] + ([body] if body else [])
-        return [t for d in docs for t in d] + body
+            docs = [store.add(d, context=head) for d in docs]
+        parts: list = [head] if head else []
+        for i, d in enumerate(docs):
+            parts += [sep, d] if i else [d]
+        parts.append(sep + tail)
+        return parts if reuse else [t for p in parts for t in p]
 
     async def start(self, req: GenRequest, receive) -> "Generation":
         """Queue the request; return once it produced its first output (a token, or Done).
@@ -168,6 +178,31 @@ class Generation:
             else:
                 done = item
         return text, done
+
+
+DOCUMENT_SEPARATOR = "\n\n"
+
+
+def _document_frame(tokenizer, prompt: str | list[dict]) -> tuple[list[int], list[int]]:
+    """(head, tail): the prompt's tokens before and after where documents go. Chat: the start of
+    the first user message's content (none: before the conversation); text: after BOS."""
+    if isinstance(prompt, str):
+        head = tokenizer.encode("", add_special_tokens=True)
+        return head, tokenizer.encode(prompt, add_special_tokens=False, parse_special=False)
+    users = [i for i, m in enumerate(prompt) if m.get("role") == "user"]
+    if users:
+        marker = f"\ue002{secrets.token_hex(8)}\ue003"  # found only where we put it
+        first = prompt[users[0]]
+        messages = list(prompt)
+        messages[users[0]] = {**first, "content": marker + _text(first.get("content"))}
+        pieces = tokenizer.encode_chat_split(messages, marker)
+        if len(pieces) == 2:
+            return pieces[0], pieces[1]
+    return [], tokenizer.encode_chat(prompt)
+
+
+def _text(content: Any) -> str:
+    return content if isinstance(content, str) else ""
 
 
 async def _watch_disconnect(receive, job: Job) -> None:
