@@ -29,6 +29,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from load_time import PHASE_TIMER  # noqa: E402  (the child's phase timer, shared)
+
 IMPORT = r"""
 import json, time
 t = time.perf_counter()
@@ -42,16 +45,10 @@ t0 = time.perf_counter()
 import mlxgen
 t1 = time.perf_counter()
 phases = {}
+""" + PHASE_TIMER + r"""
 if sys.argv[2] == "1":
     from mlxgen import loading
     from mlxgen.loading import converted
-    def timed(name, fn):
-        def wrapper(*a, **k):
-            t = time.perf_counter()
-            out = fn(*a, **k)
-            phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
-            return out
-        return wrapper
     converted.Entry.read = timed("cache_read_s", converted.Entry.read)
     loading.build_model = timed("build_s", loading.build_model)
 model, tok = mlxgen.load(sys.argv[1])

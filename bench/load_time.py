@@ -34,6 +34,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # Runs in the child: times the phases, then reports peak RSS (ru_maxrss, KiB on Linux).
+# A fresh process's phase timer: `phases[name]` accumulates the seconds spent in the wrapped
+# function (also used by bench/import_time.py's child).
+PHASE_TIMER = r"""
+def timed(name, fn):
+    def wrapper(*a, **k):
+        t = time.perf_counter()
+        out = fn(*a, **k)
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
+        return out
+    return wrapper
+"""
+
 CHILD = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
@@ -44,13 +56,7 @@ from mlxgen.loading import gguf, gguf_tokenizer  # for the phase timers: not par
 path, mode, dtype = sys.argv[1], sys.argv[2], (sys.argv[3] if len(sys.argv) > 3 else None)
 import_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 phases = {"mlxgen": mlxgen.__file__}
-def timed(name, fn):
-    def wrapper(*a, **k):
-        t = time.perf_counter()
-        out = fn(*a, **k)
-        phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
-        return out
-    return wrapper
+""" + PHASE_TIMER + r"""
 import mlxgen.loading as loading
 gguf.read_gguf_header = timed("header", gguf.read_gguf_header)
 gguf.tokenizer_from_gguf = timed("tokenizer", gguf.tokenizer_from_gguf)
