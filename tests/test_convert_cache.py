@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import mlx.core as mx
@@ -39,7 +40,8 @@ def cache(tmp_path, monkeypatch):
         return read(path, *a, **kw)
 
     monkeypatch.setattr(gguf, "read_gguf", counting)
-    return tmp_path / "converted", conversions
+    yield tmp_path / "converted", conversions
+    converted.wait_for_writes()
 
 
 def _synthetic(path: Path, seed: int = 0) -> Path:
@@ -81,6 +83,7 @@ def _greedy(loaded, n: int = 8) -> list[int]:
 def test_second_load_is_served_from_the_cache_and_identical(cache, model_file):
     root, conversions = cache
     first = mlxgen.load(model_file)
+    converted.wait_for_writes()
     assert conversions == [model_file] and len(converted.entries()) == 1
     second = mlxgen.load(model_file)
     assert conversions == [model_file], "the second load converted the file again"
@@ -90,10 +93,30 @@ def test_second_load_is_served_from_the_cache_and_identical(cache, model_file):
     assert not list(root.glob(".*")), "temporary directories were left behind"
 
 
+def test_the_first_load_returns_before_its_entry_is_written(cache, model_file, monkeypatch):
+    root, conversions = cache
+    release, save = threading.Event(), converted.mx.save_safetensors
+
+    def held(*a, **kw):
+        assert release.wait(120), "the test never released the write"
+        save(*a, **kw)
+
+    monkeypatch.setattr(converted.mx, "save_safetensors", held)
+    first = mlxgen.load(model_file)  # returns while its entry's write is held
+    assert converted.entries() == []
+    tokens = _greedy(first)  # and the model runs meanwhile
+    release.set()
+    second = mlxgen.load(model_file)  # waits for this process's write, then reads the entry
+    assert conversions == [model_file]
+    assert_same_model(first, second)
+    assert _greedy(second) == tokens
+
+
 def test_other_options_and_other_files_never_share_an_entry(cache, model_file, tmp_path):
     root, conversions = cache
     mlxgen.load(model_file)
     f16 = mlxgen.load(model_file, dtype="float16")  # other scale dtypes: its own entry
+    converted.wait_for_writes()
     assert len(converted.entries()) == 2 and len(conversions) == 2
     assert_same_model(f16, mlxgen.load(model_file, dtype="float16", cache=False))
     mlxgen.load(model_file, quantized="dequantize")  # the float32 reference is not cached
@@ -101,6 +124,7 @@ def test_other_options_and_other_files_never_share_an_entry(cache, model_file, t
     copy = tmp_path / "copy.gguf"  # same bytes, another file
     copy.write_bytes(model_file.read_bytes())
     mlxgen.load(copy)
+    converted.wait_for_writes()
     assert len(converted.entries()) == 3 and conversions[-1] == copy
 
 
@@ -137,6 +161,7 @@ def test_a_damaged_entry_is_rebuilt_with_one_log_line(cache, model_file, tmp_pat
     root, conversions = cache
     reference = mlxgen.load(model_file, cache=False)
     mlxgen.load(model_file)
+    converted.wait_for_writes()
     (entry,) = [e[0] for e in converted.entries()]
     weights, manifest = entry / converted.WEIGHTS, entry / converted.MANIFEST
     if damage == "truncate":
@@ -151,6 +176,7 @@ def test_a_damaged_entry_is_rebuilt_with_one_log_line(cache, model_file, tmp_pat
     else:  # another entry's weights file of the same size and tensors
         other = _synthetic(tmp_path / "other.gguf", seed=1)
         mlxgen.load(other)
+        converted.wait_for_writes()
         (theirs,) = [e[0] for e in converted.entries() if e[0] != entry]
         weights.write_bytes((theirs / converted.WEIGHTS).read_bytes())
     conversions.clear()
@@ -175,6 +201,7 @@ def test_a_failed_write_leaves_nothing_and_the_load_succeeds(cache, model_file, 
     monkeypatch.setattr(converted.mx, "save_safetensors", full_disk)
     with caplog.at_level(logging.WARNING, logger="mlxgen"):
         model, _ = mlxgen.load(model_file)
+        converted.wait_for_writes()
     assert "could not store" in caplog.text
     assert converted.entries() == [] and not list(root.glob(".*"))
     # a half-written directory under the entry's temporary name is never read
@@ -193,9 +220,11 @@ def test_least_recently_used_entries_are_evicted_past_the_cap(cache, tmp_path, m
     root, conversions = cache
     files = [_synthetic(tmp_path / f"{i}.gguf", seed=i) for i in range(3)]
     mlxgen.load(files[0])
+    converted.wait_for_writes()
     size = converted.entries()[0][1]
     monkeypatch.setenv("MLXGEN_CONVERT_CACHE_BYTES", str(int(2.5 * size)))
     mlxgen.load(files[1])
+    converted.wait_for_writes()
     entry_of = {e[0]: e for e in converted.entries()}
     os.utime(root / next(iter(entry_of)) / converted.MANIFEST, (1, 1))  # make one look old
     mlxgen.load(files[0])  # a hit: now the most recently used
@@ -203,11 +232,13 @@ def test_least_recently_used_entries_are_evicted_past_the_cap(cache, tmp_path, m
     conversions.clear()
     mlxgen.load(files[0])
     mlxgen.load(files[2])
+    converted.wait_for_writes()
     assert conversions == [] and len(converted.entries()) == 2
     mlxgen.load(files[1])
     assert conversions == [files[1]]
     monkeypatch.setenv("MLXGEN_CONVERT_CACHE_BYTES", "1")  # the newest entry always stays
     mlxgen.load(files[0])
+    converted.wait_for_writes()
     assert len(converted.entries()) == 1
     converted.clear()
     assert converted.entries() == []
@@ -246,8 +277,9 @@ def test_two_processes_converting_the_same_file_at_once_both_succeed(model_file,
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
     assert outs[0][0] == outs[1][0]
+    # each child exits right after its load: the interpreter waits for the background write
     entries = [d for d in (tmp_path / "converted").iterdir() if not d.name.startswith(".")]
-    assert len(entries) == 1
+    assert len(entries) == 1 and (entries[0] / converted.MANIFEST).is_file()
     again = subprocess.run(run, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout == outs[0][0]
 
@@ -259,6 +291,7 @@ def test_hugging_face_directories_are_not_cached(cache, tmp_path):
     model = model_from_config(LLAMA)
     path = write_model(tmp_path / "hf", LLAMA, _params(model))
     mlxgen.load(path)
+    converted.wait_for_writes()
     assert converted.entries() == []
 
 

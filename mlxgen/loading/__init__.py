@@ -159,8 +159,8 @@ def _read_gguf(path: Path, source: str, keep: bool = False, scales: tuple = _SCA
     contents = entry.read() if entry else None
     if contents is None:
         contents = _convert_gguf(path, keep, scales)
-        if entry:
-            entry.write(contents)
+        if entry:  # written while the caller builds the model and generates
+            entry.write_in_background(contents)
     def tokenizer() -> Tokenizer:
         # A cached entry's tokenizer is still being built on a thread (converted.InThread):
         # the caller asks for it once the model is built.

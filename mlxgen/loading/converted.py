@@ -10,7 +10,9 @@ package's converter sources, MLX's and tokenizers' versions) and the conversion 
 manifest also holds a hash of the GGUF header bytes and of sampled data blocks, checked against
 the file on every read, so a file rewritten in place with a forged mtime is not served stale.
 
-Entries are written to a temporary directory and renamed into place (never read half-written);
+Entries are written on a background thread (the load that converted returns first; a later load
+of the same entry in this process, clear() and interpreter exit wait for it), to a temporary
+directory renamed into place (never read half-written);
 a manifest whose checksum, file sizes or tensor list do not match is rebuilt with one log line.
 The weights' data bytes are not checksummed on read (that would cost what the load saves): the
 sizes and the safetensors header are. The cache is bounded: least recently used entries are
@@ -141,7 +143,9 @@ class Entry:
         self.dir = root() / self.key
 
     def read(self) -> Converted | None:
-        """The cached conversion, or None (no entry, a stale one, or a corrupt one: logged)."""
+        """The cached conversion, or None (no entry, a stale one, or a corrupt one: logged).
+        A write of this entry still under way in this process is waited for first."""
+        _join(_writers.get(self.key))
         if not (self.dir / MANIFEST).is_file():
             return None
         try:
@@ -190,19 +194,37 @@ class Entry:
         _touch(self.dir / MANIFEST)
         return Converted(body["config"], weights, body["quantization"], parts, body["metadata"])
 
-    def write(self, contents: "GGUFContents") -> None:
+    def write_in_background(self, contents: "GGUFContents") -> None:
+        """write() on a thread, so the load returns before the entry's bytes reach the disk.
+        The thread is not a daemon: the interpreter waits for it at exit (wait_for_writes())."""
+        _join(_writers.get(self.key))  # one writer per entry in this process
+        try:  # the file as it was converted, before the caller can change it
+            fingerprint = _fingerprint(self.source["path"], contents.header_bytes,
+                                       self.source["size"])
+        except OSError:
+            return
+        mx.eval(list(contents.weights.values()))  # a new thread has no MLX stream to run them on
+        thread = threading.Thread(target=self.write, args=(contents, fingerprint), daemon=False,
+                                  name=f"mlxgen-cache-write-{self.key[:8]}")
+        _writers[self.key] = thread
+        thread.start()
+
+    def write(self, contents: "GGUFContents", fingerprint: dict | None = None) -> None:
         """Store a conversion (atomically), then evict past the size cap. Never raises: a cache
-        that cannot be written only costs the next load its conversion."""
+        that cannot be written only costs the next load its conversion. fingerprint: the
+        file's, taken when it was converted (default: now)."""
         try:
             if _identity(Path(self.source["path"])) != self.source:
                 return  # the file changed while it was read: what we hold may not match it
-            self._write(contents)
+            fingerprint = fingerprint or _fingerprint(self.source["path"], contents.header_bytes,
+                                                      self.source["size"])
+            self._write(contents, fingerprint)
             evict(settings.convert_cache_bytes(), keep=self.key)
         except Exception as e:  # noqa: BLE001
             logger.warning("converted cache: could not store %s in %s (%s: %s); later loads "
                            "convert it again", self.source["path"], root(), type(e).__name__, e)
 
-    def _write(self, contents: "GGUFContents") -> None:
+    def _write(self, contents: "GGUFContents", fingerprint: dict) -> None:
         root().mkdir(parents=True, exist_ok=True)
         token = uuid.uuid4().hex  # written into both files: ties the weights to this manifest
         tmp = root() / f".tmp-{self.key}-{os.getpid()}-{token[:8]}"
@@ -215,8 +237,7 @@ class Entry:
             body = {
                 "format": FORMAT, "converter": converter_version(), "source": self.source,
                 "options": self.options, "entry": token,
-                "fingerprint": _fingerprint(self.source["path"], contents.header_bytes,
-                                            self.source["size"]),
+                "fingerprint": fingerprint,
                 "files": {TOKENIZER: len(text), WEIGHTS: os.path.getsize(tmp / WEIGHTS)},
                 "tensors": {k: [str(v.dtype), list(v.shape)] for k, v in contents.weights.items()},
                 "config": contents.config, "quantization": contents.quantization,
@@ -231,6 +252,21 @@ class Entry:
             _publish(tmp, self.dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+_writers: dict[str, threading.Thread] = {}  # entry key -> its latest background writer
+
+
+def _join(thread: threading.Thread | None) -> None:
+    if thread is not None and thread is not threading.current_thread():
+        thread.join()
+
+
+def wait_for_writes() -> None:
+    """Wait until every entry this process is writing in the background is on disk (or
+    failed, with its warning logged)."""
+    for thread in list(_writers.values()):
+        _join(thread)
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -297,7 +333,8 @@ def evict(cap: int, keep: str | None = None) -> list[Path]:
 
 
 def clear() -> None:
-    """Remove the whole converted-weights cache."""
+    """Remove the whole converted-weights cache (after this process's pending writes)."""
+    wait_for_writes()
     shutil.rmtree(root(), ignore_errors=True)
 
 
