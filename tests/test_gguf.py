@@ -232,6 +232,23 @@ def test_unknown_pre_tokenizer_warns_and_unknown_model_raises(caplog):
         tokenizer_from_gguf({**meta, "tokenizer.ggml.model": "bert"})
 
 
+def test_tokenizer_errors_reach_read_gguf(tmp_path, monkeypatch):
+    # A file without a tokenizer fails before any tensor is read; a merge naming no vocabulary
+    # tokens is found by the build, which runs on a thread beside the repacks.
+    from mlxgen.loading import gguf as loader
+
+    syn = write_synthetic(tmp_path / "n.gguf", drop_meta=("tokenizer.ggml.tokens",))
+    monkeypatch.setattr(loader, "_load_tensor", lambda *a: pytest.fail("a tensor was read"))
+    with pytest.raises(ModelLoadError, match="has no tokenizer"):
+        read_gguf(syn.path)
+    monkeypatch.undo()
+    _, _, merges = tiny_vocab()
+    bad = {"tokenizer.ggml.merges": merges + ["xq zq"]}
+    syn = write_synthetic(tmp_path / "m.gguf", extra_meta=bad)
+    with pytest.raises(ModelLoadError, match="does not name two vocabulary tokens"):
+        read_gguf(syn.path)
+
+
 @pytest.mark.parametrize("pre, pieces", [
     ("gpt2", ["x", "   ", " 12345", " it", "'s"]),
     ("smollm", ["x", "    ", "1", "2", "3", "4", "5", " it", "'s"]),
