@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mlxgen.bench.prompts import FILLER, build_prompt, new_nonce  # noqa: E402
+from mlxgen.bench.prompts import build_prompt, new_nonce  # noqa: E402
 from mlxgen.bench.stats import median  # noqa: E402
 
 QUESTIONS = ["What happened at the ferry first?", "Which goods were sold at the market?",

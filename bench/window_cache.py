@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=15)
     a = ap.parse_args()
-    print(f"| model shape | full cache (MiB) | windowed (MiB) | ratio | decode-step cache work full / windowed |")
+    print("| model shape | full cache (MiB) | windowed (MiB) | ratio | decode-step cache work full / windowed |")
     print("|---|---|---|---|---|")
     for name, (layers, heads, dim, windows) in SHAPES.items():
         full = make_cache(layers, "standard", windows=windows, keep_all=True)

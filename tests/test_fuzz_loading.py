@@ -24,7 +24,7 @@ from test_loading_hf import LLAMA, hf_weights, reference, write_model
 
 import mlxgen
 from mlxgen.errors import MlxgenError
-from mlxgen.loading.gguf import _Cursor
+from mlxgen.loading.gguf_header import _Cursor
 
 CASES = int(os.environ.get("MLXGEN_FUZZ_CASES", "300"))
 SEED = int(os.environ.get("MLXGEN_FUZZ_SEED", "0"))

@@ -11,7 +11,7 @@ from test_loading_hf import LLAMA, hf_weights, reference, write_model
 
 import mlxgen
 from mlxgen.errors import ModelLoadError
-from mlxgen.loading.gguf import _Cursor, read_gguf_header
+from mlxgen.loading.gguf_header import _Cursor, read_gguf_header
 
 
 def load_error(path, *patterns, seconds=5.0):

@@ -6,7 +6,6 @@ No GPU here: the device is simulated by a dispatcher whose kernels run through t
 of the very Metal sources (tools/metal_emulator) and whose benchmark is scripted."""
 
 import mlx.core as mx
-import pytest
 from build_tools import needs_gxx
 from mlx.utils import tree_map
 

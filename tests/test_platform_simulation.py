@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SENSITIVE = ["tests/test_cpu_kernels.py", "tests/test_cpu_fast_path.py", "tests/test_settings_backend.py",

@@ -21,7 +21,6 @@ from mlxgen.errors import ModelLoadError  # noqa: E402
 from mlxgen.loading import build_model  # noqa: E402
 from mlxgen.models import model_from_config  # noqa: E402
 from mlxgen.models.gemma import SoftcapAttention  # noqa: E402
-from mlxgen.prefill import prefill  # noqa: E402
 from mlxgen.reuse import ChunkStore  # noqa: E402
 from mlxgen.reuse.compose import Composition, Segment  # noqa: E402
 

@@ -46,7 +46,8 @@ logger = logging.getLogger(__name__)
 FORMAT = 1
 WEIGHTS, TOKENIZER, MANIFEST = "weights.safetensors", "tokenizer.json", "manifest.json"
 # the modules whose code decides what a conversion produces
-_CONVERTER_SOURCES = ("gguf.py", "gguf_quants.py", "gguf_tokenizer.py", "converted.py")
+_CONVERTER_SOURCES = ("gguf.py", "gguf_header.py", "gguf_quants.py", "gguf_tokenizer.py",
+                      "converted.py")
 _SAMPLES, _SAMPLE_BYTES = 16, 4096
 _STALE_SECONDS = 3600  # a temporary directory this old belongs to a writer that died
 
