@@ -292,6 +292,27 @@ def test_documents_are_stored_after_the_prompts_head(server):
     assert other - second == first - before  # another head: the document stored again
 
 
+def test_documents_after_the_first_are_stored_after_a_stand_in(server):
+    """A document's stored K/V depend on whether it opens the documents (after the head) or
+    follows another (after the head and reuse.stand_in's document): the same two documents in
+    the other order are stored again, in the same order they are not."""
+    url, m = server
+    docs = ["The ledger lists seven lanterns. " * 5, "The bell rings at noon. " * 5]
+
+    def stored(order: list[str]) -> int:
+        r = httpx.post(url + "/v1/completions", timeout=60, json={
+            "model": m["a"], "prompt": " What does it say?", "max_tokens": 2, "temperature": 0,
+            "mlxgen": {"documents": order}})
+        assert r.status_code == 200
+        return httpx.get(url + "/mlxgen/memory").json()["chunk_store_bytes"]
+
+    before = httpx.get(url + "/mlxgen/memory").json()["chunk_store_bytes"]
+    first = stored(docs)
+    assert stored(docs) == first > before
+    swapped = stored(docs[::-1])
+    assert swapped - first == first - before  # each document in its other role: stored again
+
+
 def test_bench_targets_measure_the_server(server):
     from mlxgen.bench.prompts import Prompt
     from mlxgen.bench.servers import OllamaTarget, OpenAITarget

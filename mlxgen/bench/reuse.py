@@ -38,7 +38,9 @@ from .reuse_quality import composed_quality, rag_segments, reference, summarize
 from .reuse_report import write_report
 
 FRACTIONS = (0.0, 0.05, 0.15, 0.3)
-STORES = ("alone", "context")  # documents encoded alone, or after the prompt's template head
+# documents encoded alone, after the prompt's template head, or (after the first) after the head
+# and a stand-in document (reuse.stand_in)
+STORES = ("alone", "context", "standin")
 
 Setting = tuple[str, str, object]  # (store, strategy, recompute)
 
@@ -94,7 +96,7 @@ def run_rag(model, tokenizer, grid: Sequence[Setting], reps: int, n_questions: i
         for s, store in by_store.items():
             start = time.perf_counter()
             rag_segments(tokenizer, store, docset.questions[0], docs, doc_tokens,
-                         context=s == "context")
+                         context=s != "alone", stand_in=s == "standin")
             encode_s[s] += time.perf_counter() - start
         prompts.append([(docset.name, q, by_store, docs) for q in docset.questions[:n_questions]])
     log(f"  stored {sum(len(d.docs) for d in sets)} documents per store in "
@@ -112,7 +114,7 @@ def run_rag(model, tokenizer, grid: Sequence[Setting], reps: int, n_questions: i
     for qi, (name, question, by_store, docs) in enumerate(
             p for pair in zip(*prompts) for p in pair):  # alternate: a cut run covers both sets
         segs = {s: rag_segments(tokenizer, store, question, docs, doc_tokens,
-                                context=s == "context") for s, store in by_store.items()}
+                                context=s != "alone", stand_in=s == "standin") for s, store in by_store.items()}
         ids = plan(model, tokenizer, segs[stores[0]], parse_special=True).ids  # template head/tail
         n_chunk = sum(len(s) for s in segs[stores[0]] if not isinstance(s, str))
         cont, ref, first = reference(model, ids, stop=stop)

@@ -25,6 +25,7 @@ from ..cache import make_cache
 from ..prefill import prefill
 from ..reuse import ChunkStore
 from ..reuse.compose import plan
+from ..reuse.stand_in import after_stand_in
 from .reuse_data import DOCS, SYSTEM, fit
 
 N_TOKENS = 32
@@ -41,11 +42,14 @@ class Quality:
 
 
 def rag_segments(tokenizer, store: ChunkStore, question: str, docs: Sequence[str] = DOCS,
-                 doc_tokens: int = 512, system: str = SYSTEM, context: bool = False) -> list:
+                 doc_tokens: int = 512, system: str = SYSTEM, context: bool = False,
+                 stand_in: bool = False) -> list:
     """[chat-template head, doc 1, sep, doc 2, ..., question + template tail] with each document
     a stored chunk of exactly `doc_tokens` tokens. The head and tail are rendered template text:
     compose them with parse_special=True. context: store each document after the head (its
-    tokens as the prompt's start), so the first document is exact and none is a sink."""
+    tokens as the prompt's start), so the first document is exact and none is a sink; with
+    stand_in, documents after the first are stored after the head, the stand-in document and
+    the separator (reuse.stand_in)."""
     marker = "\x00DOCS\x00"
     rendered = tokenizer.apply_chat_template([
         {"role": "system", "content": system},
@@ -53,12 +57,14 @@ def rag_segments(tokenizer, store: ChunkStore, question: str, docs: Sequence[str
     ])
     head, tail = rendered.split(marker)
     head_ids = tokenizer.encode(head, add_special_tokens=True, parse_special=True)
+    later = after_stand_in(tokenizer, head_ids, tokenizer.encode("\n\n", add_special_tokens=False))
     segments: list = [head]
     for i, doc in enumerate(docs):
         if i:
             segments.append("\n\n")
         ids = tokenizer.encode(doc, add_special_tokens=False)[:doc_tokens]
-        segments.append(store.add(ids, context=head_ids if context else ()))
+        ctx = (later if stand_in and i else head_ids) if context else ()
+        segments.append(store.add(ids, context=ctx))
     segments.append(tail)
     return segments
 

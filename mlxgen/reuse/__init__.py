@@ -7,8 +7,9 @@ from .chunk_store import Chunk, ChunkKV, ChunkStore, encode_chunk
 from .compose import is_segments, plan
 from .fingerprint import model_fingerprint
 from .recompute import STRATEGIES
+from .stand_in import after_stand_in
 
 __all__ = [
     "Chunk", "ChunkKV", "ChunkStore", "encode_chunk", "is_segments", "plan",
-    "model_fingerprint", "STRATEGIES",
+    "model_fingerprint", "STRATEGIES", "after_stand_in",
 ]

@@ -14,6 +14,7 @@ from typing import Any, AsyncIterator
 
 from ..errors import ConfigError, PromptTooLongError
 from ..generate import GenerationStats, SamplingParams, prompt_tokens, stream_generate
+from ..reuse.stand_in import after_stand_in
 from ..tokenizer import check_text
 from .pool import ModelPool
 from .worker import END, Job, Worker
@@ -113,8 +114,9 @@ class Engine:
         BOS, system prompt, start of the user turn; text: BOS if the tokenizer adds one), the
         documents separated by blank lines, a blank line, then the rest of the prompt. With reuse
         a segment prompt whose documents are chunks stored after that head (ChunkStore context:
-        keyed by it, so another head never gets them, and the first document is exact); without,
-        the same tokens prefilled."""
+        keyed by it, so another head never gets them, and the first document is exact; the others
+        after the head, reuse.stand_in's document and the separator); without, the same tokens
+        prefilled."""
         tokenizer = entry.tokenizer
         head, tail = _document_frame(tokenizer, req.prompt)
         docs = [tokenizer.encode(d, add_special_tokens=False, parse_special=False)
@@ -126,9 +128,10 @@ class Engine:
         if total >= context:  # before any chunk is encoded
             raise PromptTooLongError(f"the documents and prompt have {total} tokens but the "
                                      f"model's context is {context}; send fewer or shorter ones.")
-        if reuse:
+        if reuse:  # the first document after the head; the others after a stand-in document too
             store = self.pool.chunk_store(entry)
-            docs = [store.add(d, context=head) for d in docs]
+            later = after_stand_in(tokenizer, head, sep)
+            docs = [store.add(d, context=later if i else head) for i, d in enumerate(docs)]
         parts: list = [head] if head else []
         for i, d in enumerate(docs):
             parts += [sep, d] if i else [d]
