@@ -48,18 +48,18 @@ def main() -> None:
     grid = [(*g, None) for g in parse_settings(args.settings)]
     if args.ape:
         ape = Ape(*(float(x) for x in args.ape.split(":")))
-        grid += [(*g[:3], ape) for g in grid if g[0] == "context"]
+        grid += [(*g[:3], ape) for g in grid if g[0] != "alone"]
     model, tok = load(args.model)
     mx.eval(prefill(model, list(range(64)), make_cache(len(model.layers))))  # warm-up
     ratios: dict[str, list[float]] = {_name(g): [] for g in grid}
     load_start = os.getloadavg()
     for docset in doc_sets(args.docs):
         docs = [fit(tok, d, 512) for d in docset.docs]
-        stores = {"alone": ChunkStore(model, tok), "context": ChunkStore(model, tok)}
+        stores = {s: ChunkStore(model, tok) for s in dict.fromkeys(g[0] for g in grid)}
         for q in docset.questions[: args.questions]:
-            segs = {s: rag_segments(tok, st, q, docs, 512, context=s == "context")
-                    for s, st in stores.items()}
-            ids = plan(model, tok, segs["alone"], parse_special=True).ids
+            segs = {s: rag_segments(tok, st, q, docs, 512, context=s != "alone",
+                                    stand_in=s == "standin") for s, st in stores.items()}
+            ids = plan(model, tok, next(iter(segs.values())), parse_special=True).ids
             for r in range(args.rounds):
                 times = {}
                 order = [None] + list(grid)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-STAND_IN = (
+_NOTE = (
     "This is a general reference note kept together with other documents in a shared "
     "collection. It describes, in plain and ordinary language, how a typical written record is "
     "organised, so that readers know what to expect before they look at any particular page. A "
@@ -25,6 +25,9 @@ STAND_IN = (
     "that changes can be traced. When two records seem to disagree, the more recent one is "
     "usually correct, and readers are encouraged to check the date on each page."
 )
+# The note twice: about as long as a stored document; a stand-in of one note measured further
+# from the full prefill than two (bench/NOTES.md).
+STAND_IN = " ".join([_NOTE] * 2)
 
 
 def after_stand_in(tokenizer, context: Sequence[int], separator: Sequence[int]) -> tuple[int, ...]:
