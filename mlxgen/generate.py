@@ -136,7 +136,8 @@ def stream_generate(model, tokenizer: Tokenizer, prompt: Prompt, **kw: Any) -> I
     prompt tokens (mlxgen.Session manages one); only the rest is prefilled, and the cache keeps
     growing. cache_mode: "standard" or "pre-rope" for a new cache (default: the model's, chosen
     for this device at load). prefill_chunk_size: prompt tokens per prefill chunk. recompute,
-    recompute_strategy: for segment prompts (mlxgen.reuse). parse_special: parse control
+    recompute_strategy: for segment prompts (mlxgen.reuse; unset, their defaults depend on how the
+    chunks were stored). parse_special: parse control
     tokens written in prompt text (off by default: text is encoded literally, see README)."""
     # Metal: the weights stay wired while generating (as mlx-lm); elsewhere nothing to do.
     if not model.runtime.wired_limit:

@@ -23,7 +23,7 @@ ENV_VARS = {
     "MLXGEN_CACHE_MODE": "KV cache mode: auto (default: pre-rope where the Metal decode kernel measured faster, else standard), standard (post-RoPE keys, mlx-lm's) or pre-rope",
     "MLXGEN_KV_DTYPE": "KV cache storage dtype of the CPU backend (float32 models), read at load: auto (default: float16 where mlxgen's kernels are built, as Ollama's cache; else float32), float16 or float32; other backends keep the model's dtype",
     "MLXGEN_CACHE_REUSE": "reuse cached K/V (stored chunks, session prefixes): on (default) or off",
-    "MLXGEN_RECOMPUTE": "fraction of reused chunk tokens recomputed with full attention, in [0, 1], or auto (default 0.15)",
+    "MLXGEN_RECOMPUTE": "fraction of reused chunk tokens recomputed with full attention, in [0, 1], or auto (default 0.15; 0.2 when every chunk in the prompt was stored after a context)",
     "MLXGEN_CHUNK_STORE_BYTES": "in-memory chunk store limit: bytes, or with KB/MB/GB/KiB/MiB/GiB (default 1GiB)",
     "MLXGEN_SERVER": "URL of a running `mlxgen serve` that `mlxgen generate` sends its requests to (default: none, load in-process)",
 }
@@ -134,7 +134,8 @@ def kernels_mode() -> str:
 
 CACHE_MODES = ("standard", "pre-rope")
 # "auto" is faster but measured below this share's quality (bench/NOTES.md, "Reuse frontier"):
-# quality first until a setting reaches both.
+# quality first until a setting reaches both. Chunks stored after a context have their own
+# default (mlxgen/reuse/recompute.py, CONTEXT_RECOMPUTE).
 DEFAULT_RECOMPUTE = 0.15
 DEFAULT_CHUNK_STORE_BYTES = 1 << 30
 _BYTE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
@@ -160,13 +161,15 @@ def cache_reuse(override: bool | None = None) -> bool:
     return choice("MLXGEN_CACHE_REUSE", None, ("on", "off"), "on") == "on"
 
 
-def recompute_fraction(override: float | str | None = None) -> float | str:
+def recompute_fraction(override: float | str | None = None,
+                       default: float = DEFAULT_RECOMPUTE) -> float | str:
     """Share of reused chunk tokens recomputed with full attention, or "auto" (the tokens are
-    chosen by mlxgen/reuse/recompute.py)."""
+    chosen by mlxgen/reuse/recompute.py): the argument, else MLXGEN_RECOMPUTE, else `default`
+    (the reuse code passes the one for the prompt's chunks)."""
     source = "recompute" if override is not None else "MLXGEN_RECOMPUTE (environment)"
     value = override if override is not None else _get("MLXGEN_RECOMPUTE")
     if value is None:
-        return DEFAULT_RECOMPUTE
+        return default
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
     try:

@@ -272,3 +272,59 @@ def test_bench_settings_grid():
     for bad in ("elsewhere/none", "alone/first", "alone/first/2", "alone/random/0.1"):
         with pytest.raises(MlxgenError, match="--settings"):
             parse_settings(bad)
+
+
+def test_default_depends_on_how_the_chunks_were_stored(monkeypatch):
+    """Unset recompute and strategy: chunks all stored after a context get CONTEXT_RECOMPUTE
+    "first" (each placed chunk's first tokens, no check pass), chunks stored alone (or a prompt
+    mixing both) keep settings' share with "mixed"; whatever the caller sets wins, one by one."""
+    from mlxgen.reuse import recompute
+    from mlxgen.settings import DEFAULT_RECOMPUTE
+
+    model = tiny_model("llama", num_hidden_layers=3)
+    ids = token_ids(64, seed=5)
+    head = ids[:8]
+    alone, ctx = ChunkStore(model, None), ChunkStore(model, None, context=head)
+    calls = []  # (positions, layers) of each forward_at call of the last run
+    real = recompute.forward_at
+
+    def spy(model, cache, positions, h, layers, block, bias=None):
+        calls.append((list(positions), layers))
+        return real(model, cache, positions, h, layers, block, bias)
+
+    monkeypatch.setattr(recompute, "forward_at", spy)
+    text = set(range(8)) | {30, 31} | set(range(56, 64))
+
+    def recomputed(first, second, **kw):
+        """Chunk positions recomputed through every layer, and whether a check pass ran."""
+        calls.clear()
+        segments = [Segment(head), Segment(ids[8:30], first.add(ids[8:30])), Segment(ids[30:32]),
+                    Segment(ids[32:56], second.add(ids[32:56])), Segment(ids[56:])]
+        run(model, ids, segments, **kw)
+        positions, layers = calls[-1]
+        return sorted(set(positions) - text), len(calls) > 1 and layers.start > 0
+
+    # After the head: the first chunk is exact; the second's first ceil(0.2 * 24) tokens.
+    assert recompute.CONTEXT_RECOMPUTE == 0.2 and recompute.CONTEXT_STRATEGY == "first"
+    assert recomputed(ctx, ctx) == (list(range(32, 37)), False)
+    # Stored alone: both chunks placed, ceil(0.15 * 46) tokens, each chunk's first SINK_TOKENS
+    # forced in order, after a check pass.
+    assert DEFAULT_RECOMPUTE == 0.15
+    assert recomputed(alone, alone) == ([8, 9, 10, 11, 32, 33, 34], True)
+    assert recomputed(alone, ctx) == recomputed(alone, alone)  # mixed: the alone default
+    assert recomputed(ctx, alone)[1]  # ... either way round
+    # The caller wins, one setting at a time (the other from the store's default).
+    assert recomputed(ctx, ctx, recompute=0.15) == (list(range(32, 36)), False)
+    assert recomputed(ctx, ctx, recompute_strategy="mixed")[1]
+    assert len(recomputed(ctx, ctx, recompute_strategy="mixed")[0]) == 5
+    assert recomputed(alone, alone, recompute_strategy="first") == (
+        [8, 9, 10, 11, 32, 33, 34, 35], False)  # 0.15 of each chunk
+    monkeypatch.setenv("MLXGEN_RECOMPUTE", "0.1")
+    assert recomputed(ctx, ctx) == ([32, 33, 34], False)
+    assert recomputed(alone, alone)[0] == [8, 9, 10, 11, 32]
+    monkeypatch.delenv("MLXGEN_RECOMPUTE")
+    # recompute=1.0 with the strategy left to the context default is still a full prefill.
+    segments = [Segment(head), Segment(ids[8:30], ctx.add(ids[8:30])), Segment(ids[30:32]),
+                Segment(ids[32:56], ctx.add(ids[32:56])), Segment(ids[56:])]
+    _, _, logits = run(model, ids, segments, recompute=1.0)
+    assert max_diff(logits, model(mx.array(ids)[None])[:, -1]) < 1e-4

@@ -5,6 +5,7 @@ models (mlxgen/bench/tiny.py) so that the protocol, the pool and the reuse are w
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -272,12 +273,12 @@ def test_documents_are_stored_after_the_prompts_head(server):
     url, m = server
     doc = "The ledger lists seven lanterns and a brass bell. " * 6
 
-    def ask(system: str, reuse: bool = True) -> tuple[str, int, int]:
+    def ask(system: str, reuse: bool = True, docs: int = 1) -> tuple[str, int, int]:
         r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
             "model": m["a"], "max_tokens": 6, "temperature": 0,
             "messages": [{"role": "system", "content": system},
                          {"role": "user", "content": "What does the ledger list?"}],
-            "mlxgen": {"documents": [doc], "reuse": reuse}}).json()
+            "mlxgen": {"documents": [doc] * docs, "reuse": reuse}}).json()
         stored = httpx.get(url + "/mlxgen/memory").json()["chunk_store_bytes"]
         return (r["choices"][0]["message"]["content"],
                 r["usage"]["prompt_tokens_details"]["cached_tokens"], stored)
@@ -290,6 +291,10 @@ def test_documents_are_stored_after_the_prompts_head(server):
     assert off_cached == 0 and text == again == off  # right after its head the chunk is exact
     _, _, other = ask("You audit the ledger.")
     assert other - second == first - before  # another head: the document stored again
+    # Twice: the same chunk, the second copy placed after the first. Stored after a context, so
+    # the default recomputes its first 20% ("first"), not 15% ("mixed").
+    _, twice, stored = ask("You audit the ledger.", docs=2)
+    assert stored == other and twice == 2 * cached - math.ceil(0.2 * cached)
 
 
 def test_documents_after_the_first_are_stored_after_a_stand_in(server):

@@ -12,10 +12,11 @@ def _load(result: dict) -> str:
 
 def rag_table(rag: dict) -> str:
     q = rag["questions"]
+    sizes = [x["prompt_tokens"] for x in q]
     lines = [
         f"RAG: {len(q)} questions over document sets {', '.join(rag['sets'])}, {rag['n_docs']} "
-        f"stored documents of {rag['doc_tokens']} tokens per prompt ({q[0]['prompt_tokens']}-"
-        f"{max(x['prompt_tokens'] for x in q)} tokens, chat-templated); cold TTFT (full prefill, "
+        f"stored documents of {rag['doc_tokens']} tokens per prompt ({min(sizes)}-{max(sizes)} "
+        f"tokens, chat-templated); cold TTFT (full prefill, "
         f"median) {rag['cold_ttft_s']:.3f} s. Quality against that full prefill over the first "
         "32 answer tokens (teacher-forced).",
         "",

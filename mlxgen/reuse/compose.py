@@ -24,7 +24,7 @@ from ..tokenizer import check_text
 from .chunk_store import Chunk
 from .fingerprint import model_fingerprint
 from .placement import splice
-from .recompute import Ape, check_strategy, recompute_placed
+from .recompute import Ape, defaults_for, recompute_placed
 
 
 def is_segments(prompt: Any) -> bool:
@@ -57,8 +57,9 @@ class Composition:
     ) -> tuple[list[KVCache], mx.array]:
         """Build the cache for the whole prompt; return it and the last position's logits.
         ape: APE's temperature/scale on the placed chunk keys left as stored (recompute.Ape)."""
-        fraction = settings.recompute_fraction(recompute)
-        strategy = check_strategy(recompute_strategy)
+        # A prompt whose chunks were all stored after a context gets that store's default.
+        contexted = all(s.chunk.context for s in self.segments if s.chunk is not None)
+        fraction, strategy = defaults_for(recompute, recompute_strategy, contexted)
         block = chunk_size_for(model, prefill_chunk_size)
         cache = model.make_cache(cache_mode)
         kinds = [s.chunk is not None for s in self.segments]
@@ -79,7 +80,6 @@ class Composition:
                         spans.append((start, n))
             _place_zeros(model, cache, len(seg.ids) - n)  # placeholders: computed below
             text.extend(range(start + n, start + len(seg.ids)))
-        contexted = all(s.chunk.context for s in self.segments if s.chunk is not None)
         recomputed, hidden = recompute_placed(model, cache, self.ids, spans, text, fraction,
                                               strategy, block, contexted, ape)
         self.cached_tokens = spliced - recomputed

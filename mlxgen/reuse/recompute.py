@@ -11,6 +11,8 @@ through every layer, attending to everything before them, recovers most of the d
 - recompute="auto": each chunk's first tokens (no selection pass): SINK_TOKENS for chunks stored
   alone (removes the spurious sinks), CONTEXT_FIRST for chunks stored after a context
   (bench/NOTES.md).
+Unset, the share and strategy depend on the store (defaults_for): CONTEXT_RECOMPUTE "first" when
+every chunk was stored after a context, else settings.DEFAULT_RECOMPUTE "mixed".
 Text (before, between and after the chunks) is always computed here, in the same pass as the
 recomputed chunk tokens: one pass through the layers for the whole prompt. Recomputed tokens sit
 at scattered positions, so they are run through the layers with an explicit mask via ScatterView.
@@ -24,13 +26,17 @@ from typing import Sequence
 
 import mlx.core as mx
 
+from .. import settings
 from ..cache import KVCache
 from ..errors import ConfigError
 from ..prefill import cache_state
 from .placement import fetch, rope_at, stored_at, write_at
 
 STRATEGIES = ("deviation", "first", "mixed")
-DEFAULT_STRATEGY = "mixed"
+DEFAULT_STRATEGY = "mixed"  # with settings.DEFAULT_RECOMPUTE: chunks stored alone
+# The default when every chunk was stored after a context (no spurious sinks to force out):
+# a larger share of each chunk's first tokens, no selection pass (bench/NOTES.md, issue 18).
+CONTEXT_RECOMPUTE, CONTEXT_STRATEGY = 0.2, "first"
 CHECK_LAYERS = 2  # layer 0's K/V do not depend on context; deviations first show at layer 1
 SINK_TOKENS = 4
 CONTEXT_FIRST = 16  # "auto", chunks stored after a context: first tokens per chunk
@@ -85,13 +91,24 @@ def forward_at(
 AUTO = "auto"
 
 
-def check_strategy(strategy: str | None) -> str:
-    strategy = DEFAULT_STRATEGY if strategy is None else strategy
+def check_strategy(strategy: str | None, default: str = DEFAULT_STRATEGY) -> str:
+    strategy = default if strategy is None else strategy
     if strategy not in STRATEGIES:
         raise ConfigError(
             f"recompute_strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}."
         )
     return strategy
+
+
+def defaults_for(recompute: float | str | None, strategy: str | None, contexted: bool
+                 ) -> tuple[float | str, str]:
+    """(fraction, strategy) for a prompt's placed chunks: what the caller set (argument, else
+    MLXGEN_RECOMPUTE), each unset one from the store's default: CONTEXT_RECOMPUTE "first" when
+    every chunk was stored after a context (contexted), else settings' default share "mixed"."""
+    if contexted:
+        return (settings.recompute_fraction(recompute, CONTEXT_RECOMPUTE),
+                check_strategy(strategy, CONTEXT_STRATEGY))
+    return settings.recompute_fraction(recompute), check_strategy(strategy)
 
 
 @dataclass(frozen=True)
