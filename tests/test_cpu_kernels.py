@@ -122,6 +122,24 @@ def test_rope_matches_mlx(ext, traditional, dims, offset, table):
     np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("offset", [700, "positions"])
+def test_cpu_rope_rotates_halves_in_float32(ext, dtype, offset):
+    # Stored half-precision K/V placed by reuse: rotated in float32, rounded once to their dtype.
+    from mlxgen.backends.cpu.layers import CpuRoPE
+
+    rope = CpuRoPE(64, base=100000.0)
+    x = mx.random.normal((1, 3, 17, 64)).astype(dtype)
+    off = mx.arange(5, 22) if offset == "positions" else offset
+    xt = x.transpose(2, 1, 0, 3) if offset == "positions" else x  # per-token: tokens as batch
+    got = rope(xt, off)
+    want = mx.fast.rope(xt.astype(mx.float32), 64, traditional=False, base=100000.0, scale=1.0,
+                        offset=off)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(want), rtol=1e-2,
+                               atol=1e-2)
+
+
 def test_bad_input_is_refused_with_a_reason(ext):
     with pytest.raises(ValueError, match="weight \\(n, k\\)"):
         ext.matvec(mx.zeros((1, 5)), mx.zeros((3, 4)), 1)

@@ -233,8 +233,8 @@ def test_unknown_pre_tokenizer_warns_and_unknown_model_raises(caplog):
 
 
 def test_tokenizer_errors_reach_read_gguf(tmp_path, monkeypatch):
-    # A file without a tokenizer fails before any tensor is read; a merge naming no vocabulary
-    # tokens is found by the build, which runs on a thread beside the repacks.
+    # A file without a tokenizer, or with a merge naming no vocabulary tokens, fails before any
+    # tensor is read.
     from mlxgen.loading import gguf as loader
 
     syn = write_synthetic(tmp_path / "n.gguf", drop_meta=("tokenizer.ggml.tokens",))
@@ -245,6 +245,7 @@ def test_tokenizer_errors_reach_read_gguf(tmp_path, monkeypatch):
     _, _, merges = tiny_vocab()
     bad = {"tokenizer.ggml.merges": merges + ["xq zq"]}
     syn = write_synthetic(tmp_path / "m.gguf", extra_meta=bad)
+    monkeypatch.setattr(loader, "_load_tensor", lambda *a: pytest.fail("a tensor was read"))
     with pytest.raises(ModelLoadError, match="does not name two vocabulary tokens"):
         read_gguf(syn.path)
 

@@ -162,7 +162,7 @@ def _read_gguf(path: Path, source: str, keep: bool = False, scales: tuple = _SCA
         if entry:  # written while the caller builds the model and generates
             entry.write_in_background(contents)
     def tokenizer() -> Tokenizer:
-        # A cached entry's tokenizer is still being built on a thread (gguf_tokenizer.InThread):
+        # A cached entry's tokenizer is still being built on a thread (converted.InThread):
         # the caller asks for it once the model is built.
         parts = contents.tokenizer
         if hasattr(parts, "result"):

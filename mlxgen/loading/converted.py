@@ -31,12 +31,12 @@ import uuid
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import mlx.core as mx
 
 from .. import settings
-from .gguf_tokenizer import InThread, TokenizerParts
+from .gguf_tokenizer import TokenizerParts
 
 if TYPE_CHECKING:  # the gguf package's import is a cost a cached load need not pay
     from .gguf import GGUFContents
@@ -88,6 +88,37 @@ def _fingerprint(path: str, header_bytes: int, size: int) -> dict:
 
 def _checksum(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+class InThread:
+    """fn() on a thread of its own, started by go(); result() waits for it and raises what it
+    raised. The thread waits for go() so that start() does not: a function that holds the GIL
+    (tokenizers' parser does, for most of its run) would block start() until it returned."""
+
+    def __init__(self, fn: Callable[[], TokenizerParts]):
+        self._value: TokenizerParts | None = None
+        self._error: BaseException | None = None
+        self._go = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="mlxgen-tokenizer",
+                                        daemon=True)
+        self._thread.start()
+
+    def go(self) -> None:
+        self._go.set()
+
+    def _run(self, fn: Callable[[], TokenizerParts]) -> None:
+        self._go.wait()
+        try:
+            self._value = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits for the result
+            self._error = e
+
+    def result(self) -> TokenizerParts:
+        self.go()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 @dataclass

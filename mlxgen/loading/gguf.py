@@ -26,7 +26,7 @@ from . import limits
 from .gguf_quants import (K_BITS, K_EXACT, compact_words, in_row_chunks, pack, repack_k,
                           take_packed)
 from .gguf_header import TensorInfo, read_gguf_header
-from .gguf_tokenizer import InThread, TokenizerParts, check_tokenizer, tokenizer_from_gguf
+from .gguf_tokenizer import TokenizerParts, tokenizer_from_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -341,9 +341,7 @@ def read_gguf(
             f"{path}: GGUF architecture {arch!r} is not supported; supported: "
             f"{', '.join(ARCHITECTURES)}. Use a model of one of these families."
         )
-    check_tokenizer(meta)  # the rest of its build overlaps the repacks, on a thread
-    tokenizer = InThread(lambda: tokenizer_from_gguf(meta))
-    tokenizer.go()
+    tokenizer = tokenizer_from_gguf(meta)
     names = {t.name: t.shape for t in header.tensors}
     config = _config(meta, arch, names, len(meta["tokenizer.ggml.tokens"]), path)
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
@@ -420,5 +418,5 @@ def read_gguf(
         "tokenizer": meta.get("tokenizer.ggml.model"),
         "pre_tokenizer": meta.get("tokenizer.ggml.pre"),
     }
-    return GGUFContents(config, weights, quantization or None, tokenizer.result(), metadata,
+    return GGUFContents(config, weights, quantization or None, tokenizer, metadata,
                         header.data_start)

@@ -8,10 +8,9 @@ too (fields are unwrapped with `.contents()`). The tokenizer never adds BOS itse
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from itertools import repeat
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
@@ -51,37 +50,6 @@ _END_OF_GENERATION = {"<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>",
                       "<end_of_turn>", "<|end_of_text|>"}
 
 
-class InThread:
-    """fn() on a thread of its own, started by go(); result() waits for it and raises what it
-    raised. The thread waits for go() so that start() does not: a function that holds the GIL
-    (tokenizers' parser does, for most of its run) would block start() until it returned."""
-
-    def __init__(self, fn: Callable[[], "TokenizerParts"]):
-        self._value: TokenizerParts | None = None
-        self._error: BaseException | None = None
-        self._go = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(fn,), name="mlxgen-tokenizer",
-                                        daemon=True)
-        self._thread.start()
-
-    def go(self) -> None:
-        self._go.set()
-
-    def _run(self, fn: Callable[[], "TokenizerParts"]) -> None:
-        self._go.wait()
-        try:
-            self._value = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to whoever waits for the result
-            self._error = e
-
-    def result(self) -> "TokenizerParts":
-        self.go()
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
 @dataclass
 class TokenizerParts:
     tokenizer: Tokenizer
@@ -91,9 +59,8 @@ class TokenizerParts:
     add_bos_token: bool  # the caller prepends BOS; `tokenizer` never does
 
 
-def check_tokenizer(fields: Mapping[str, Any]) -> tuple[dict, str, list[str], list[int]]:
-    """The tokenizer metadata's cheap checks (what a build would refuse, short of the merges'
-    contents): (tokenizer.* values, kind, tokens, token types)."""
+def tokenizer_from_gguf(fields: Mapping[str, Any]) -> TokenizerParts:
+    """Build the tokenizer described by GGUF metadata (a dict of values, or GGUFReader.fields)."""
     meta = {k: (v.contents() if hasattr(v, "contents") else v) for k, v in fields.items()
             if k.startswith("tokenizer.")}
     kind = meta.get("tokenizer.ggml.model")
@@ -109,23 +76,15 @@ def check_tokenizer(fields: Mapping[str, Any]) -> tuple[dict, str, list[str], li
             f"GGUF tokenizer has {len(tokens)} tokens but {len(types)} token types; the file "
             "is corrupt. Re-download or re-convert it."
         )
-    if kind not in ("gpt2", "llama"):
+    if kind == "gpt2":
+        tokenizer = _byte_level_bpe(meta, tokens, types)
+    elif kind == "llama":
+        tokenizer = _sentencepiece_bpe(meta, tokens, types)
+    else:
         raise UnsupportedModelError(
             f"GGUF tokenizer model {kind!r} is not supported; supported: 'gpt2' (byte-level "
             "BPE) and 'llama' (SentencePiece). Use a model with one of these tokenizers."
         )
-    if kind == "gpt2" and not meta.get("tokenizer.ggml.merges"):
-        raise ModelLoadError("GGUF byte-level BPE tokenizer has no tokenizer.ggml.merges.")
-    return meta, kind, tokens, types
-
-
-def tokenizer_from_gguf(fields: Mapping[str, Any]) -> TokenizerParts:
-    """Build the tokenizer described by GGUF metadata (a dict of values, or GGUFReader.fields)."""
-    meta, kind, tokens, types = check_tokenizer(fields)
-    if kind == "gpt2":
-        tokenizer = _byte_level_bpe(meta, tokens, types)
-    else:
-        tokenizer = _sentencepiece_bpe(meta, tokens, types)
     # the few non-plain tokens (control, user-defined, unknown), in id order, found vectorized
     import numpy as np  # here: a load from the converted-weights cache needs none of this module's work
 
@@ -177,7 +136,9 @@ def _split_merge(merge: str, vocab: dict[str, int]) -> tuple[str, str]:
 
 
 def _byte_level_bpe(meta: dict, tokens: list[str], types: list[int]) -> Tokenizer:
-    merges_raw = meta["tokenizer.ggml.merges"]  # present: check_tokenizer
+    merges_raw = meta.get("tokenizer.ggml.merges")
+    if not merges_raw:
+        raise ModelLoadError("GGUF byte-level BPE tokenizer has no tokenizer.ggml.merges.")
     vocab = _vocab(tokens)
     pre = meta.get("tokenizer.ggml.pre") or "default"
     regexes = PRE_TOKENIZER_REGEXES.get(pre)

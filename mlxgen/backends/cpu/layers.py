@@ -134,6 +134,8 @@ class CpuRMSNorm(nn.RMSNorm):
 
 class CpuRoPE(RoPE):
     def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
+        if x.dtype in (mx.float16, mx.bfloat16):  # stored half K/V being placed (reuse): MLX's
+            return self(x.astype(mx.float32), offset).astype(x.dtype)  # CPU op is slower in halves
         if isinstance(offset, int) and x.ndim == 4 and x.dtype == mx.float32 and self.dims == x.shape[-1]:
             # One pass, reading the transposed projection in place (partial rotary: MLX's op).
             out = ext.loaded().rope(x, self.dims, self.traditional, self.inverse_frequencies(),
