@@ -12,7 +12,6 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/vector.h>
 
-#include <cmath>
 #include <cstring>
 #include <functional>
 #include <string>
@@ -61,27 +60,6 @@ Proj projection(const std::vector<mx::array>& arrays, int at, int bits, int grou
 void need_f32(const mx::array& a, int64_t size, const char* what) {
   if (a.dtype() != mx::float32 || static_cast<int64_t>(a.size()) != size)
     bad(std::string(what) + " must be float32 with " + std::to_string(size) + " elements.");
-}
-
-// x (rows, D) rotated in place at one position, as mx.fast.rope: theta = offset * scale *
-// inv_freq[i] (position = offset * scale); halves, or adjacent pairs when traditional; times mscale.
-void rope_rows(float* x, int64_t rows, int64_t D, const float* inv_freq, float position, bool traditional,
-               float mscale) {
-  int64_t half = D / 2;
-  std::vector<float> c(half), s(half);
-  for (int64_t i = 0; i < half; ++i) {
-    float theta = position * inv_freq[i];
-    c[i] = std::cos(theta) * mscale, s[i] = std::sin(theta) * mscale;
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    float* v = x + r * D;
-    for (int64_t i = 0; i < half; ++i) {
-      int64_t a = traditional ? 2 * i : i, b = traditional ? 2 * i + 1 : i + half;
-      float x0 = v[a], x1 = v[b];
-      v[a] = x0 * c[i] - x1 * s[i];
-      v[b] = x0 * s[i] + x1 * c[i];
-    }
-  }
 }
 
 // The inputs' data pointers: a task captures these, not the arrays, so that it holds no reference
@@ -143,9 +121,12 @@ std::vector<mx::array> decode_qkv_op(const std::vector<mx::array>& arrays, std::
         mlxgen::rms_norm(qv.data(), at<float>(in, nb_at), qv.data(), B * H, D, eps);
         mlxgen::rms_norm(kv.data(), at<float>(in, nb_at + 1), kv.data(), B * KV, D, eps);
       }
-      float position = static_cast<float>(offset) * rope_scale;
-      rope_rows(qv.data(), B * H, D, at<float>(in, 11), position, traditional, mscale);
-      rope_rows(kv.data(), B * KV, D, at<float>(in, 11), position, traditional, mscale);
+      mlxgen::rope_rows(qv.data(), B * H, D, at<float>(in, 11), rope_scale, offset, traditional);
+      mlxgen::rope_rows(kv.data(), B * KV, D, at<float>(in, 11), rope_scale, offset, traditional);
+      if (mscale != 1.0f) {  // after the rotation, as CpuRoPE scales the rope kernel's output
+        for (auto& e : qv) e *= mscale;
+        for (auto& e : kv) e *= mscale;
+      }
       std::memcpy(qo, qv.data(), qv.size() * sizeof(float));
       store_as(kv.data(), ko, kv.size(), half);
       store_as(vv.data(), vo, vv.size(), half);

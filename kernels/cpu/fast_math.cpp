@@ -451,6 +451,10 @@ void rms_norm(const float* x, const float* w, float* y, int64_t rows, int64_t d,
   ::rms_norm(x, w, y, rows, d, eps);
 }
 void silu_mul(const float* g, const float* u, float* out, int64_t size) { ::silu_mul(g, u, out, size); }
+void rope_rows(float* x, int64_t rows, int64_t D, const float* inv_freq, float scale, int64_t offset,
+               bool traditional) {
+  ::rope(x, x, 1, rows, 1, D, 0, D, D, 1, static_cast<int>(D), traditional, inv_freq, scale, offset);
+}
 template <typename KT>
 void decode_attention(const AttnShape& s, const float* q, const KT* k, const KT* v, float* out, int threads) {
   ::decode_attention(s, q, k, v, out, threads);

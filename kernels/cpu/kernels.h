@@ -14,6 +14,9 @@ void qmatvec(const void* w, const void* scales, const void* biases, int scale_dt
 // Defined in fast_math.cpp.
 void rms_norm(const float* x, const float* w, float* y, int64_t rows, int64_t d, float eps);
 void silu_mul(const float* g, const float* u, float* out, int64_t size);
+// rows (rows, D) rotated in place at one position, as mx.fast.rope at `offset` (full rotary).
+void rope_rows(float* x, int64_t rows, int64_t D, const float* inv_freq, float scale, int64_t offset,
+               bool traditional);
 
 // One query row per head against n cached keys; strides in elements over batch, head, position.
 struct AttnShape {
