@@ -67,6 +67,28 @@ def test_causal_blocks_are_used_and_exact(cpu_kernels):
     assert mx.abs(got - want).max().item() < 1e-5
 
 
+@pytest.mark.parametrize("window", [None, 200])
+def test_scattered_queries_attend_only_up_to_their_keys(window, cpu_kernels, monkeypatch):
+    # Queries at sorted scattered positions (reuse's recompute pass): grouped by how far they see,
+    # each group over its own key range; the result is the full masked attention's.
+    positions = mx.array(sorted({*range(0, 30), *range(300, 360), *range(900, 940), 1299}))
+    n = 1300
+    keys = mx.arange(n)[None]
+    mask = keys <= positions[:, None]
+    if window is not None:
+        mask = mask & (keys > positions[:, None] - window)
+    L = positions.size
+    q = mx.random.normal((1, 8, L, 64))
+    k, v = mx.random.normal((1, 2, n, 64)), mx.random.normal((1, 2, n, 64))
+    widths = []
+    attend = cpu_ops._attend
+    monkeypatch.setattr(cpu_ops, "_attend", lambda q, k, *a: widths.append(k.shape[2]) or attend(q, k, *a))
+    got = cpu_ops.scaled_dot_product_attention(q, k, v, 0.125, mask, cpu_kernels)
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
+    assert mx.abs(got - want).max().item() < 1e-5
+    assert len(widths) >= 3 and min(widths) <= 30 + cpu_ops.TRIM_KEYS and max(widths) == n
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     loaded = {}

@@ -20,6 +20,9 @@ import mlx.core as mx
 _SQUARINGS = 8
 _THREADS = min(8, os.cpu_count() or 1)  # decode attention is memory-bound: a few cores suffice
 _P_SQUARINGS = 4  # the last squarings act on p = 1 + q directly
+# Grouping rows by how far they see (_attend_trimmed): a group's widest row sees at most this
+# factor more keys than its narrowest, plus a few keys (so a group is not cut at every row).
+TRIM_SLACK, TRIM_KEYS = 1.25, 64
 
 
 def _exp_nonpositive(x: mx.array) -> mx.array:
@@ -86,6 +89,8 @@ def scaled_dot_product_attention(
     # A ones column on V makes the P@V matmul also return each row's softmax denominator,
     # which saves a reduction pass over the scores (measured 6-10%, bench/NOTES.md).
     v = mx.concatenate([v, mx.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)
+    if isinstance(mask, mx.array) and mask.dtype == mx.bool_ and mask.ndim == 2 and L > rows:
+        return _attend_trimmed(q, k, v, scale, mask, ext)
     if mask != "causal" or L <= rows:
         return _attend(q, k, v, scale, mask, ext)
     # Causal chunks go in blocks of query rows: each block's scores stay cache-resident (~2 MB)
@@ -96,6 +101,26 @@ def scaled_dot_product_attention(
         visible = N - L + end
         blocks.append(_attend(q[:, :, start:end], k[:, :, :visible], v[:, :, :visible], scale, mask, ext))
     return mx.concatenate(blocks, axis=2)
+
+
+def _attend_trimmed(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array, ext
+                    ) -> mx.array:
+    """A bool (L, N) mask, e.g. queries at scattered positions (reuse's recompute pass): rows go
+    in groups whose last visible keys are close, each group attending only up to its last
+    visible key, so a row near the prompt's start does not pay for every key after it."""
+    L, N = mask.shape
+    ends = (N - mx.argmax(mask[:, ::-1], axis=-1)).tolist()  # 1 + last visible key per row
+    blocks, start = [], 0
+    while start < L:
+        end, lo, hi = start + 1, ends[start], ends[start]
+        # Grow while the group's widest row sees at most TRIM_SLACK times its narrowest's keys.
+        while end < L and max(hi, ends[end]) <= TRIM_SLACK * min(lo, ends[end]) + TRIM_KEYS:
+            lo, hi = min(lo, ends[end]), max(hi, ends[end])
+            end += 1
+        blocks.append(_attend(q[:, :, start:end], k[:, :, :hi], v[:, :, :hi], scale,
+                              mask[start:end, :hi], ext))
+        start = end
+    return mx.concatenate(blocks, axis=2) if len(blocks) > 1 else blocks[0]
 
 
 def _block_rows(heads: int, keys: int, target_bytes: int = 1 << 21) -> int:
