@@ -223,6 +223,37 @@ def test_bad_input(tiny):
         store.get(forged)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
+def test_a_context_is_encoded_once_for_the_chunks_after_it(arch, monkeypatch):
+    """Chunks stored after one context share its K/V, computed once (the last CONTEXTS_KEPT
+    contexts are kept); each chunk still holds what a prefill of context + chunk gives it, a
+    sliding-window model's (context longer than its window) included."""
+    from mlxgen.reuse import chunk_store
+
+    model = tiny_model(arch, vocab_size=300) if arch == "qwen2" else tiny_model(arch)
+    runs = []
+    encode = chunk_store.encode_context
+    monkeypatch.setattr(chunk_store, "encode_context", lambda *a: runs.append(a[1]) or encode(*a))
+    head, other = token_ids(40, seed=7), token_ids(9, seed=8)
+    store = ChunkStore(model, None, context=head)
+    docs = [token_ids(12, seed=s) for s in (1, 2, 3)]
+    chunks = [store.add(d) for d in docs]
+    assert store.encoded == 3 and runs == [tuple(head)]
+    for doc, chunk in zip(docs, chunks):
+        cache = model.make_cache("pre-rope", keep_all=True)
+        model(mx.array(head + doc)[None], cache)
+        kv = store.get(chunk)
+        for i, c in enumerate(cache):
+            assert max_diff(kv.keys[i], c.keys[0, :, 40:52]) < TOL
+            assert max_diff(kv.values[i], c.values[0, :, 40:52]) < TOL
+    store.add(docs[0], context=other)
+    store.add(docs[1], context=token_ids(5, seed=9))  # a third context: the oldest is let go
+    store.add(docs[2], context=other)
+    store.add(docs[1], context=head + [1])
+    assert runs == [tuple(head), tuple(other), tuple(token_ids(5, seed=9)), tuple(head + [1])]
+    assert len(store._contexts) == chunk_store.CONTEXTS_KEPT
+
+
 def test_context_keyed_store(tiny, tmp_path):
     """A chunk stored after a context holds the K/V its tokens get after that context (the
     context's own dropped), is keyed by the context too (never served for another one, in memory

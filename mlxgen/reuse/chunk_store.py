@@ -30,6 +30,10 @@ from .fingerprint import model_fingerprint
 
 log = logging.getLogger("mlxgen")
 
+# Contexts whose K/V a store keeps for encoding (the server uses two: the head, and the head
+# with the stand-in document after it).
+CONTEXTS_KEPT = 2
+
 
 @dataclass(frozen=True)
 class Chunk:
@@ -74,21 +78,44 @@ def context_tag(fingerprint: str, context: Sequence[int]) -> str:
     return f"{fingerprint}+context:{hashlib.sha256(_id_bytes(context)).hexdigest()[:16]}"
 
 
+ContextKV = list[tuple[mx.array, mx.array]]  # per layer: a context's pre-RoPE keys and values
+
+
+def encode_context(model, context: Sequence[int], chunk_size: int | None = None) -> ContextKV:
+    """Every layer's unrotated K/V of the context, run from position 0: what encode_chunk would
+    compute for it, kept so that chunks stored after one context pay for it once."""
+    cache = _run(model, mx.array(list(context)), model.make_cache("pre-rope", keep_all=True),
+                 chunk_size_for(model, chunk_size))
+    kv = [(c.keys[:, :, : c.offset], c.values[:, :, : c.offset]) for c in cache]
+    mx.eval(kv)
+    return kv
+
+
 def encode_chunk(model, token_ids: Sequence[int], chunk_size: int | None = None,
-                 context: Sequence[int] = ()) -> ChunkKV:
+                 context: Sequence[int] = (), context_kv: ContextKV | None = None) -> ChunkKV:
     """Run the context then the tokens from position 0; keep every layer's unrotated K/V of the
-    tokens only."""
+    tokens only. context_kv: the context's K/V from encode_context (it is not run again)."""
     step = chunk_size_for(model, chunk_size)
     cache = model.make_cache("pre-rope", keep_all=True)  # every token's K/V, windowed or not
-    tokens = mx.array(list(context) + list(token_ids))
-    for start in range(0, tokens.size, step):
-        model.model(tokens[None, start : start + step], cache)  # hidden states are not needed
-        mx.async_eval(cache_state(cache))
-    a, b = len(context), tokens.size
+    if context_kv is not None:
+        for c, (k, v) in zip(cache, context_kv):
+            c.update_and_fetch(k, v)
+        tokens = mx.array(list(token_ids))
+    else:
+        tokens = mx.array(list(context) + list(token_ids))
+    _run(model, tokens, cache, step)
+    a, b = len(context), cache[0].offset
     kv = ChunkKV(mx.stack([c.keys[0, :, a:b] for c in cache]),
                  mx.stack([c.values[0, :, a:b] for c in cache]))
     mx.eval(kv.keys, kv.values)
     return kv
+
+
+def _run(model, tokens: mx.array, cache: list, step: int) -> list:
+    for start in range(0, tokens.size, step):
+        model.model(tokens[None, start : start + step], cache)  # hidden states are not needed
+        mx.async_eval(cache_state(cache))
+    return cache
 
 
 class ChunkStore:
@@ -120,6 +147,7 @@ class ChunkStore:
             self._key_bytes = persist.open_store_dir(self.path or Path(""), self.fingerprint,
                                                      model.model_type)
         self._entries: OrderedDict[str, ChunkKV] = OrderedDict()
+        self._contexts: OrderedDict[tuple[int, ...], ContextKV] = OrderedDict()  # not in nbytes
         self.nbytes = 0  # bytes held in memory
         self.encoded = 0  # chunks encoded by this store (the rest came from memory or disk)
         self.context = self._context_ids(context, False)
@@ -150,7 +178,8 @@ class ChunkStore:
         self._check_fits(len(chunk))
         kv = self._read(chunk)
         if kv is None:
-            kv = encode_chunk(self.model, chunk.token_ids, self.prefill_chunk_size, chunk.context)
+            kv = encode_chunk(self.model, chunk.token_ids, self.prefill_chunk_size, chunk.context,
+                              self._context_kv(chunk.context))
             self.encoded += 1
             if self.path is not None:
                 try:
@@ -186,6 +215,7 @@ class ChunkStore:
     def clear(self) -> None:
         """Drop every in-memory entry (files on disk stay)."""
         self._entries.clear()
+        self._contexts.clear()
         self.nbytes = 0
 
     def _token_ids(self, chunk: str | Sequence[int], parse_special: bool = False) -> list[int]:
@@ -217,6 +247,20 @@ class ChunkStore:
         if isinstance(context, (list, tuple, mx.array)) and len(context) == 0:
             return ()
         return tuple(self._token_ids(context, parse_special))
+
+    def _context_kv(self, context: tuple[int, ...]) -> ContextKV | None:
+        """The context's K/V, computed once for the last few contexts used: documents stored
+        after one head (or one stand-in) share it."""
+        if not context:
+            return None
+        kv = self._contexts.get(context)
+        if kv is None:
+            kv = encode_context(self.model, context, self.prefill_chunk_size)
+            while len(self._contexts) >= CONTEXTS_KEPT:
+                self._contexts.popitem(last=False)
+            self._contexts[context] = kv
+        self._contexts.move_to_end(context)
+        return kv
 
     def _key(self, token_ids: Sequence[int], context: Sequence[int] = ()) -> str:
         return chunk_key(self.fingerprint, token_ids, context)
