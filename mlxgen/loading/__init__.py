@@ -186,7 +186,8 @@ def _convert_gguf(path: Path, keep: bool, scales: tuple):
 
     try:
         return read_gguf(path, k_quants=keep, scale_dtype=scales[0],
-                         projection_scale_dtype=scales[1])
+                         projection_scale_dtype=scales[1],
+                         repack=backends.gguf_repack() if keep else None)
     except (MlxgenError, MemoryError):
         raise
     except Exception as e:  # noqa: BLE001 - a safety net: a malformed file is a load error

@@ -23,8 +23,8 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from ..errors import ModelLoadError, UnsupportedModelError
 from . import limits
-from .gguf_quants import (K_BITS, K_EXACT, compact_words, in_row_chunks, pack, repack_k,
-                          take_packed)
+from .gguf_quants import (K_BITS, K_EXACT, Kernel, compact_words, in_row_chunks, kernel_repack,
+                          pack, repack_k, take_packed)
 from .gguf_header import TensorInfo, read_gguf_header
 from .gguf_tokenizer import TokenizerParts, tokenizer_from_gguf
 
@@ -106,11 +106,12 @@ class _MlxOutputs:
         return np.array(array, copy=False)
 
 
-def _tensor_arrays(buf: mmap.mmap, t: TensorInfo, keep: bool,
-                   scale_dtype: mx.Dtype = mx.float16) -> list[mx.array]:
+def _tensor_arrays(buf: mmap.mmap, t: TensorInfo, keep: bool, scale_dtype: mx.Dtype = mx.float16,
+                   repack: Kernel | None = None) -> list[mx.array]:
     """One array, or [weight, scales, biases] when kept MLX-quantized.
 
-    Reads straight from the mapped file: only this tensor's repacked arrays are allocated."""
+    Reads straight from the mapped file: only this tensor's repacked arrays are allocated.
+    repack: the CPU kernels' block repack (backends.gguf_repack), else numpy does it."""
     if t.qtype in _FLOAT_DTYPES:  # F64 has no MLX dtype: narrowed to float32
         arr = np.frombuffer(buf, _FLOAT_DTYPES[t.qtype], math.prod(t.shape), t.offset)
         arr = arr.reshape(t.shape)
@@ -123,11 +124,16 @@ def _tensor_arrays(buf: mmap.mmap, t: TensorInfo, keep: bool,
     if keep:
         out = _MlxOutputs(scale_dtype if scale_dtype in (mx.float16, mx.float32) else mx.float16)
         if t.qtype in NATIVE_BITS:
-            triplet = in_row_chunks(raw, t.qtype, lambda rows: _repack_native(rows, t.qtype), out)
-            if not np.isfinite(triplet[2]).all():  # fp16 overflow of -128*d: the one inexact case
+            if repack is not None:
+                triplet, _, finite = kernel_repack(raw, t.qtype, NATIVE_BITS[t.qtype], out, repack)
+            else:
+                triplet = in_row_chunks(raw, t.qtype, lambda rows: _repack_native(rows, t.qtype),
+                                        out)
+                finite = np.isfinite(triplet[2]).all()
+            if not finite:  # fp16 overflow of -128*d: the one inexact case
                 triplet = None
         else:
-            triplet = repack_k(raw, t.qtype, out)  # None on an fp16 overflow
+            triplet = repack_k(raw, t.qtype, out, repack)  # None on an fp16 overflow
         if triplet is not None:
             return [a.reshape(*lead, -1) for a in out.arrays]
     try:
@@ -140,9 +146,9 @@ def _tensor_arrays(buf: mmap.mmap, t: TensorInfo, keep: bool,
     return [mx.array(values.reshape(t.shape))]
 
 
-def _load_tensor(buf: mmap.mmap, t: TensorInfo, keep: bool,
-                 scale_dtype: mx.Dtype = mx.float16) -> list[mx.array]:
-    arrays = _tensor_arrays(buf, t, keep, scale_dtype)
+def _load_tensor(buf: mmap.mmap, t: TensorInfo, keep: bool, scale_dtype: mx.Dtype = mx.float16,
+                 repack: Kernel | None = None) -> list[mx.array]:
+    arrays = _tensor_arrays(buf, t, keep, scale_dtype, repack)
     _release_pages(buf, t)
     return arrays
 
@@ -321,6 +327,7 @@ _GGUF_KEYS = {
 def read_gguf(
     path: str | os.PathLike, dequantize: bool = False, k_quants: bool = True,
     scale_dtype: mx.Dtype = mx.float16, projection_scale_dtype: mx.Dtype | None = None,
+    repack: Kernel | None = None,
 ) -> GGUFContents:
     """Load a llama/qwen2/qwen3/qwen3moe/gemma2/gemma3/phi3 GGUF as an HF-layout config, weights
     and tokenizer.
@@ -331,7 +338,8 @@ def read_gguf(
     scale_dtype: float16 (as GGUF stores them) or float32 (the same values, for a model that
     will run in float32: saves converting them afterwards). projection_scale_dtype: the same
     for every quantized tensor but the embedding and expert stacks (default scale_dtype): the
-    CPU backend keeps a float32 model's projection scales in float16."""
+    CPU backend keeps a float32 model's projection scales in float16. repack: the CPU kernels'
+    block repack (backends.gguf_repack: the same bytes, faster), else numpy repacks."""
     path = Path(path)
     header = read_gguf_header(path)
     meta = header.metadata
@@ -362,7 +370,8 @@ def read_gguf(
     projection_scale_dtype = projection_scale_dtype or scale_dtype
     for t, keep, (module, suffix) in jobs:
         own = module == "model.embed_tokens" or ".experts." in module
-        arrays = _load_tensor(header.buffer, t, keep, scale_dtype if own else projection_scale_dtype)
+        arrays = _load_tensor(header.buffer, t, keep, scale_dtype if own else projection_scale_dtype,
+                              repack)
         if t.name == "rope_freqs.weight":
             config["rope_freq_factors"] = arrays[0].astype(mx.float32).tolist()
             continue
