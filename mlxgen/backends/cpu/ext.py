@@ -192,10 +192,9 @@ def built() -> ModuleType | None:
     also when MLXGEN_CPU_KERNELS=off."""
     if settings.cpu_kernels() == "off":
         return None
-    if _load.cache_info().currsize == 0:  # not tried yet: only an existing, trusted library
-        lib = _find_built(build_dir())
-        if lib is None or not trust.safe_to_load(lib):
-            return None
+    lib = _find_built(build_dir())
+    if lib is None or not trust.safe_to_load(lib):
+        return None
     return _load()[0]
 
 
