@@ -19,6 +19,11 @@
 #include <stdexcept>
 #include <string>
 #include <utility>
+#include <vector>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 #include "pool.h"
 
@@ -96,137 +101,225 @@ inline uint16_t read16(const uint8_t* p) {
   return v;
 }
 
-inline uint16_t neg(uint16_t h) { return h ^ 0x8000; }
+inline bool nan_half(uint16_t h) { return (h & 0x7fff) > 0x7c00; }
 
-// numpy's float16 product -d * k (k a power of two): rounded once from float32.
-inline uint16_t times(uint16_t h, float k) { return float_to_half(half_to_float(h) * k); }
-
-// 32 codes < 32 (one byte each) -> 20 bytes of MLX's 5-bit little-endian stream.
-inline void pack5(const uint8_t* q, uint8_t* out) {
-  for (int w = 0; w < 4; ++w) {
-    uint64_t v = 0;
-    for (int k = 0; k < 8; ++k) v |= static_cast<uint64_t>(q[8 * w + k]) << (5 * k);
-    std::memcpy(out + 5 * w, &v, 5);  // little-endian hosts only (x86-64, arm64)
+// n fp16 <-> float32 conversions, eight at a time by F16C where present. A group of eight with
+// a NaN takes the bit manipulations: the hardware quiets NaNs, numpy keeps their payloads.
+void to_half(const float* x, uint16_t* out, int64_t n) {
+  int64_t i = 0;
+#ifdef __F16C__
+  for (; i + 8 <= n; i += 8) {
+    __m256 v = _mm256_loadu_ps(x + i);
+    if (_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) != 0) {
+      for (int j = 0; j < 8; ++j) out[i + j] = float_to_half(x[i + j]);
+      continue;
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
+#endif
+  for (; i < n; ++i) out[i] = float_to_half(x[i]);
 }
 
-// One block: codes (elements * bits / 8 bytes), and fp16 scale/bias bits per group of 32.
-void q4_0(const uint8_t* b, uint8_t* codes, uint16_t* s, uint16_t* z, int type) {
-  const uint8_t* qs = b + (type == Q4_1 ? 4 : 2);
-  for (int i = 0; i < 8; ++i) {  // element j in the low nibble of byte j, j + 16 in the high one
-    codes[i] = (qs[2 * i] & 0x0f) | static_cast<uint8_t>(qs[2 * i + 1] << 4);
-    codes[8 + i] = (qs[2 * i] >> 4) | (qs[2 * i + 1] & 0xf0);
+void to_float(const uint16_t* h, float* out, int64_t n) {
+  int64_t i = 0;
+#ifdef __F16C__
+  for (; i + 8 <= n; i += 8) {
+    bool nan = false;
+    for (int j = 0; j < 8; ++j) nan |= nan_half(h[i + j]);
+    if (nan) {
+      for (int j = 0; j < 8; ++j) out[i + j] = half_to_float(h[i + j]);
+      continue;
+    }
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
   }
-  s[0] = read16(b);
-  z[0] = type == Q4_1 ? read16(b + 2) : times(neg(s[0]), 8.0f);
+#endif
+  for (; i < n; ++i) out[i] = half_to_float(h[i]);
 }
 
-void q5_0(const uint8_t* b, uint8_t* codes, uint16_t* s, uint16_t* z, int type) {
-  const bool one = type == Q5_1;
-  uint32_t qh;
-  std::memcpy(&qh, b + (one ? 4 : 2), 4);
-  const uint8_t* qs = b + (one ? 8 : 6);
-  uint8_t q[32];
-  for (int j = 0; j < 16; ++j) {
-    q[j] = (qs[j] & 0x0f) | (((qh >> j) & 1) << 4);
-    q[j + 16] = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
-  }
-  pack5(q, codes);
-  s[0] = read16(b);
-  z[0] = one ? read16(b + 2) : times(neg(s[0]), 16.0f);
+inline uint64_t load64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);  // little-endian hosts only (x86-64, arm64), as MLX's packing assumes
+  return v;
 }
 
-void q8_0(const uint8_t* b, uint8_t* codes, uint16_t* s, uint16_t* z, int) {
-  for (int j = 0; j < 32; ++j) codes[j] = b[2 + j] ^ 0x80;  // int8 q -> q + 128
-  s[0] = read16(b);
-  z[0] = times(neg(s[0]), 128.0f);
+constexpr uint64_t kNibbles = 0x0f0f0f0f0f0f0f0full, kLowBits = 0x0101010101010101ull;
+
+// A word of 8 codes < 32 (code k in byte k) -> its 40-bit little-endian 5-bit stream, written:
+// three halving steps (pairs in 16-bit lanes, quads in 32-bit lanes, then all eight).
+inline void put5(uint64_t x, uint8_t* out) {
+  x = (x & 0x00ff00ff00ff00ffull) | ((x & 0xff00ff00ff00ff00ull) >> 3);
+  x = (x & 0x0000ffff0000ffffull) | ((x & 0xffff0000ffff0000ull) >> 6);
+  x = (x & 0x00000000ffffffffull) | ((x & 0xffffffff00000000ull) >> 12);
+  std::memcpy(out, &x, 5);
+}
+
+// byte b -> a word whose byte k holds bit k of b at bit 4 (eight fifth bits at once)
+struct FifthBits {
+  uint64_t at[256];
+  constexpr FifthBits() : at() {
+    for (int b = 0; b < 256; ++b)
+      for (int k = 0; k < 8; ++k) at[b] |= static_cast<uint64_t>((b >> k) & 1) << (8 * k + 4);
+  }
+};
+constexpr FifthBits kFifth;
+
+// Per-thread scratch for one row: fp16 scale and bias bits per group, and float32 work space.
+struct Scratch {
+  std::vector<uint16_t> s, z;
+  std::vector<float> f, g;
+  explicit Scratch(int64_t groups) : s(groups), z(groups), f(groups), g(groups) {}
+};
+
+// Q4_0/Q4_1/Q5_0/Q5_1/Q8_0: one group per block; scale d, bias m (Q4_1/Q5_1) or numpy's
+// float16 product -d * 2^(bits-1), rounded once from float32.
+template <int T>
+void native_row(const uint8_t* src, int64_t blocks, uint8_t* codes, Scratch& w) {
+  constexpr int bytes = T == Q4_0 ? 18 : T == Q4_1 ? 20 : T == Q5_0 ? 22 : T == Q5_1 ? 24 : 34;
+  constexpr int code_bytes = T == Q8_0 ? 32 : T == Q4_0 || T == Q4_1 ? 16 : 20;
+  constexpr bool has_min = T == Q4_1 || T == Q5_1;
+  for (int64_t k = 0; k < blocks; ++k) {
+    const uint8_t* b = src + k * bytes;
+    uint8_t* out = codes + k * code_bytes;
+    w.s[k] = read16(b);
+    if (has_min) w.z[k] = read16(b + 2);
+    if constexpr (T == Q8_0) {
+      for (int j = 0; j < 32; ++j) out[j] = b[2 + j] ^ 0x80;  // int8 q -> q + 128
+    } else if constexpr (T == Q4_0 || T == Q4_1) {
+      const uint8_t* qs = b + (has_min ? 4 : 2);  // element j low nibble of byte j, j + 16 high
+      for (int i = 0; i < 8; ++i) {
+        out[i] = (qs[2 * i] & 0x0f) | static_cast<uint8_t>(qs[2 * i + 1] << 4);
+        out[8 + i] = (qs[2 * i] >> 4) | (qs[2 * i + 1] & 0xf0);
+      }
+    } else {  // Q5: elements 8w..8w+7, low nibbles (w < 2) or high ones; the fifth bit of
+      // element j is bit j of the little-endian qh
+      const uint8_t *qh = b + (has_min ? 4 : 2), *qs = b + (has_min ? 8 : 6);
+      for (int w = 0; w < 4; ++w) {
+        uint64_t nib = (load64(qs + 8 * (w & 1)) >> (w < 2 ? 0 : 4)) & kNibbles;
+        put5(nib | kFifth.at[qh[w]], out + 5 * w);
+      }
+    }
+  }
+  if (!has_min) {
+    constexpr float k = T == Q8_0 ? 128.0f : T == Q5_0 ? 16.0f : 8.0f;
+    // -d negated in its bits: the compiler may fold -x * k into x * -k, which differs on a NaN
+    for (int64_t i = 0; i < blocks; ++i) w.z[i] = w.s[i] ^ 0x8000;
+    to_float(w.z.data(), w.f.data(), blocks);
+    for (int64_t i = 0; i < blocks; ++i) w.f[i] = w.f[i] * k;
+    to_half(w.f.data(), w.z.data(), blocks);
+  }
 }
 
 // Q4_K/Q5_K: 8 sub-blocks of 32 with 6-bit scales and mins; scale d*sc, bias -(dmin*m).
-void k_scales(const uint8_t* b, uint16_t* s, uint16_t* z) {
-  const float d = half_to_float(read16(b)), dmin = half_to_float(read16(b + 2));
-  const uint8_t* p = b + 4;
-  for (int j = 0; j < 8; ++j) {
-    int sc = j < 4 ? p[j] & 63 : (p[j + 4] & 0x0f) | ((p[j - 4] >> 2) & 0x30);
-    int m = j < 4 ? p[j + 4] & 63 : (p[j + 4] >> 4) | ((p[j] >> 2) & 0x30);
-    s[j] = float_to_half(d * static_cast<float>(sc));
-    z[j] = float_to_half(-(dmin * static_cast<float>(m)));
-  }
-}
-
-void q4_k(const uint8_t* b, uint8_t* codes, uint16_t* s, uint16_t* z, int) {
-  k_scales(b, s, z);
-  const uint8_t* qs = b + 16;
-  for (int c = 0; c < 4; ++c) {  // chunk c: sub-block 2c in the low nibbles, 2c + 1 in the high
-    const uint8_t* q = qs + 32 * c;
-    uint8_t* lo = codes + 32 * c;
-    for (int i = 0; i < 16; ++i) {
-      lo[i] = (q[2 * i] & 0x0f) | static_cast<uint8_t>(q[2 * i + 1] << 4);
-      lo[16 + i] = (q[2 * i] >> 4) | (q[2 * i + 1] & 0xf0);
+template <int T>
+void k_row(const uint8_t* src, int64_t blocks, uint8_t* codes, Scratch& w) {
+  constexpr int bytes = T == Q4_K ? 144 : 176, code_bytes = T == Q4_K ? 128 : 160;
+  for (int64_t k = 0; k < blocks; ++k) {
+    const uint8_t* b = src + k * bytes;
+    uint8_t* out = codes + k * code_bytes;
+    const float d = half_to_float(read16(b)), dmin = half_to_float(read16(b + 2));
+    const uint8_t* p = b + 4;
+    for (int j = 0; j < 8; ++j) {
+      int sc = j < 4 ? p[j] & 63 : (p[j + 4] & 0x0f) | ((p[j - 4] >> 2) & 0x30);
+      int m = j < 4 ? p[j + 4] & 63 : (p[j + 4] >> 4) | ((p[j] >> 2) & 0x30);
+      w.f[8 * k + j] = d * static_cast<float>(sc);
+      w.g[8 * k + j] = float_of(bits_of(dmin * static_cast<float>(m)) ^ 0x80000000u);  // numpy's -(a*b), NaN too
+    }
+    if constexpr (T == Q4_K) {
+      const uint8_t* qs = b + 16;
+      for (int c = 0; c < 4; ++c) {  // chunk c: sub-block 2c in the low nibbles, 2c + 1 high
+        const uint8_t* q = qs + 32 * c;
+        uint8_t* lo = out + 32 * c;
+        for (int i = 0; i < 16; ++i) {
+          lo[i] = (q[2 * i] & 0x0f) | static_cast<uint8_t>(q[2 * i + 1] << 4);
+          lo[16 + i] = (q[2 * i] >> 4) | (q[2 * i + 1] & 0xf0);
+        }
+      }
+    } else {
+      const uint8_t *qh = b + 16, *qs = b + 48;
+      for (int j = 0; j < 8; ++j) {  // bit j of qh[l]: the fifth bit of element l of sub-block j
+        const uint8_t* q = qs + 32 * (j / 2);
+        const int shift = 4 * (j & 1);
+        for (int w = 0; w < 4; ++w) {
+          uint64_t nib = (load64(q + 8 * w) >> shift) & kNibbles;
+          uint64_t fifth = ((load64(qh + 8 * w) >> j) & kLowBits) << 4;
+          put5(nib | fifth, out + 20 * j + 5 * w);
+        }
+      }
     }
   }
-}
-
-void q5_k(const uint8_t* b, uint8_t* codes, uint16_t* s, uint16_t* z, int) {
-  k_scales(b, s, z);
-  const uint8_t *qh = b + 16, *qs = b + 48;
-  for (int j = 0; j < 8; ++j) {  // bit j of qh[l]: the fifth bit of element l of sub-block j
-    const uint8_t* q = qs + 32 * (j / 2);
-    const int shift = 4 * (j & 1);
-    uint8_t v[32];
-    for (int l = 0; l < 32; ++l) v[l] = ((q[l] >> shift) & 0x0f) | (((qh[l] >> j) & 1) << 4);
-    pack5(v, codes + 20 * j);
-  }
+  to_half(w.f.data(), w.s.data(), 8 * blocks);
+  to_half(w.g.data(), w.z.data(), 8 * blocks);
 }
 
 // Q6_K -> 8-bit codes on a lattice (gguf_quants._q6k has the reasoning): per group of 32 the
 // larger-|scale| sub-block sets the step; rint(ratio * (q - 32) + offset), clipped to 0..255.
-void q6_k(const uint8_t* b, uint8_t* codes, uint16_t* s, uint16_t* z, int) {
-  const uint8_t *ql = b, *qh = b + 128;
-  const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
-  const float d = half_to_float(read16(b + 208));
-  uint8_t q[256];
-  for (int h = 0; h < 2; ++h) {
-    for (int k = 0; k < 128; ++k) {
-      uint8_t low = k < 64 ? ql[64 * h + k] & 0x0f : ql[64 * h + k - 64] >> 4;
-      uint8_t high = (qh[32 * h + k % 32] >> (2 * (k / 32))) & 3;
-      q[128 * h + k] = low | static_cast<uint8_t>(high << 4);
+void q6k_row(const uint8_t* src, int64_t blocks, uint8_t* codes, Scratch& w) {
+  for (int64_t k = 0; k < blocks; ++k) {
+    const uint8_t* b = src + k * 210;
+    uint8_t* out = codes + k * 256;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+    const float d = half_to_float(read16(b + 208));
+    uint8_t q[256];  // the 6-bit codes: low nibbles from ql, two high bits from qh
+    for (int h = 0; h < 2; ++h) {
+      const uint8_t *l = b + 64 * h, *hh = b + 128 + 32 * h;
+      uint8_t* o = q + 128 * h;
+      for (int i = 0; i < 32; ++i) {
+        o[i] = (l[i] & 0x0f) | ((hh[i] & 3) << 4);
+        o[32 + i] = (l[32 + i] & 0x0f) | (((hh[i] >> 2) & 3) << 4);
+        o[64 + i] = (l[i] >> 4) | (((hh[i] >> 4) & 3) << 4);
+        o[96 + i] = (l[32 + i] >> 4) | (((hh[i] >> 6) & 3) << 4);
+      }
+    }
+    for (int g = 0; g < 8; ++g) {
+      const int s0 = sc[2 * g], s1 = sc[2 * g + 1];
+      const int big = std::abs(s1) > std::abs(s0) ? s1 : s0;
+      const bool clash = s0 == -s1 && big != 0;
+      const float per_step = clash ? 255.0f / 64.0f : 4.0f, offset = clash ? 127.5f : 128.0f;
+      const float den = static_cast<float>(big == 0 ? 1 : big);
+      for (int half = 0; half < 2; ++half) {
+        const float ratio = per_step * static_cast<float>(half ? s1 : s0) / den;
+        const uint8_t* in = q + 32 * g + 16 * half;
+        uint8_t* o = out + 32 * g + 16 * half;
+        for (int i = 0; i < 16; ++i) {
+          float x = static_cast<float>(in[i]) - 32.0f;
+          x = x * ratio;
+          x = x + offset;
+          x = std::min(std::max(std::rint(x), 0.0f), 255.0f);
+          o[i] = static_cast<uint8_t>(static_cast<int>(x));
+        }
+      }
+      w.f[8 * k + g] = d * static_cast<float>(big) / per_step;
+      w.g[8 * k + g] = -offset;
     }
   }
-  for (int g = 0; g < 8; ++g) {
-    const int s0 = sc[2 * g], s1 = sc[2 * g + 1];
-    const int big = std::abs(s1) > std::abs(s0) ? s1 : s0;
-    const bool clash = s0 == -s1 && big != 0;
-    const float per_step = clash ? 255.0f / 64.0f : 4.0f, offset = clash ? 127.5f : 128.0f;
-    const float den = static_cast<float>(big == 0 ? 1 : big);
-    const float ratio[2] = {per_step * static_cast<float>(s0) / den, per_step * static_cast<float>(s1) / den};
-    for (int i = 0; i < 32; ++i) {
-      float x = static_cast<float>(q[32 * g + i]) - 32.0f;
-      x = x * ratio[i / 16];
-      x = x + offset;
-      x = std::rint(x);
-      x = x < 0.0f ? 0.0f : (x > 255.0f ? 255.0f : x);
-      codes[32 * g + i] = static_cast<uint8_t>(x);
-    }
-    s[g] = float_to_half(d * static_cast<float>(big) / per_step);
-    z[g] = float_to_half(-offset * half_to_float(s[g]));
-  }
+  const int64_t n = 8 * blocks;
+  to_half(w.f.data(), w.s.data(), n);
+  to_float(w.s.data(), w.f.data(), n);  // the bias is -offset times the fp16 scale
+  for (int64_t i = 0; i < n; ++i) w.f[i] = w.g[i] * w.f[i];
+  to_half(w.f.data(), w.z.data(), n);
 }
 
-using BlockFn = void (*)(const uint8_t*, uint8_t*, uint16_t*, uint16_t*, int);
+using RowFn = void (*)(const uint8_t*, int64_t, uint8_t*, Scratch&);
 
-BlockFn block_fn(int type) {
+RowFn row_fn(int type) {
   switch (type) {
-    case Q4_0: case Q4_1: return q4_0;
-    case Q5_0: case Q5_1: return q5_0;
-    case Q8_0: return q8_0;
-    case Q4_K: return q4_k;
-    case Q5_K: return q5_k;
-    default: return q6_k;
+    case Q4_0: return native_row<Q4_0>;
+    case Q4_1: return native_row<Q4_1>;
+    case Q5_0: return native_row<Q5_0>;
+    case Q5_1: return native_row<Q5_1>;
+    case Q8_0: return native_row<Q8_0>;
+    case Q4_K: return k_row<Q4_K>;
+    case Q5_K: return k_row<Q5_K>;
+    default: return q6k_row;
   }
 }
 
-inline bool finite(uint16_t h) { return (h & 0x7c00) != 0x7c00; }
+inline bool all_finite(const uint16_t* h, int64_t n) {
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) ok &= (h[i] & 0x7c00) != 0x7c00;
+  return ok;
+}
 
 using Bytes = nb::ndarray<const uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
 using Words = nb::ndarray<uint32_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
@@ -245,20 +338,19 @@ std::pair<bool, bool> repack_blocks(Bytes raw, int type, Words codes, Floats sca
   const int64_t rows = raw.shape(0), row_bytes = raw.shape(1);
   if (row_bytes % l.bytes) throw std::invalid_argument("repack_blocks: a row is not a whole number of blocks");
   const int64_t blocks = row_bytes / l.bytes, groups = blocks * l.elements / 32;
-  const int64_t code_bytes = static_cast<int64_t>(l.elements) * l.bits / 8;
-  if (codes.shape(0) != rows || codes.shape(1) * 4 != blocks * code_bytes || scales.shape(0) != rows ||
+  const int64_t code_bytes = blocks * l.elements * l.bits / 8;  // per row
+  if (codes.shape(0) != rows || codes.shape(1) * 4 != code_bytes || scales.shape(0) != rows ||
       scales.shape(1) != groups || biases.shape(0) != rows || biases.shape(1) != groups)
     throw std::invalid_argument("repack_blocks: output shapes do not match the blocks");
   const bool wide = is_float(scales, 32);
   if (!(wide ? is_float(biases, 32) : is_float(scales, 16) && is_float(biases, 16)))
     throw std::invalid_argument("repack_blocks: scales and biases must be both float16 or both float32");
 
-  const BlockFn fn = block_fn(type);
+  const RowFn fn = row_fn(type);
   const uint8_t* in = raw.data();
   auto* out = reinterpret_cast<uint8_t*>(codes.data());
   void *sp = scales.data(), *bp = biases.data();
   std::atomic<bool> scales_ok{true}, biases_ok{true};
-  const int per_block = l.elements / 32;
   {
     nb::gil_scoped_release release;
     // Rows of about 64 KB of blocks per task: large enough to amortize a task, small enough to
@@ -266,27 +358,18 @@ std::pair<bool, bool> repack_blocks(Bytes raw, int type, Words codes, Floats sca
     int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(row_bytes, 1));
     int n_threads = threads > 0 ? threads : static_cast<int>(std::thread::hardware_concurrency());
     mlxgen::parallel_for(rows, grain, n_threads, [&](int64_t r0, int64_t r1) {
+      Scratch w(groups);
       bool s_ok = true, z_ok = true;
-      uint16_t s[8], z[8];
       for (int64_t r = r0; r < r1; ++r) {
-        const uint8_t* src = in + r * row_bytes;
-        uint8_t* dst = out + r * blocks * code_bytes;
-        for (int64_t k = 0; k < blocks; ++k) {
-          fn(src + k * l.bytes, dst + k * code_bytes, s, z, type);
-          const int64_t at = r * groups + k * per_block;
-          for (int g = 0; g < per_block; ++g) {
-            s_ok &= finite(s[g]);
-            z_ok &= finite(z[g]);
-          }
-          if (wide) {
-            for (int g = 0; g < per_block; ++g) {
-              static_cast<float*>(sp)[at + g] = half_to_float(s[g]);
-              static_cast<float*>(bp)[at + g] = half_to_float(z[g]);
-            }
-          } else {
-            std::memcpy(static_cast<uint16_t*>(sp) + at, s, 2 * per_block);
-            std::memcpy(static_cast<uint16_t*>(bp) + at, z, 2 * per_block);
-          }
+        fn(in + r * row_bytes, blocks, out + r * code_bytes, w);
+        s_ok &= all_finite(w.s.data(), groups);
+        z_ok &= all_finite(w.z.data(), groups);
+        if (wide) {
+          to_float(w.s.data(), static_cast<float*>(sp) + r * groups, groups);
+          to_float(w.z.data(), static_cast<float*>(bp) + r * groups, groups);
+        } else {
+          std::memcpy(static_cast<uint16_t*>(sp) + r * groups, w.s.data(), 2 * groups);
+          std::memcpy(static_cast<uint16_t*>(bp) + r * groups, w.z.data(), 2 * groups);
         }
       }
       if (!s_ok) scales_ok.store(false, std::memory_order_relaxed);
