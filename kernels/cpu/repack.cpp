@@ -285,8 +285,8 @@ void q6k_row(const uint8_t* src, int64_t blocks, uint8_t* codes, Scratch& w) {
           float x = static_cast<float>(in[i]) - 32.0f;
           x = x * ratio;
           x = x + offset;
-          x = std::min(std::max(std::rint(x), 0.0f), 255.0f);
-          o[i] = static_cast<uint8_t>(static_cast<int>(x));
+          const int v = static_cast<int>(std::rint(x));  // integral: numpy's clip, on integers
+          o[i] = static_cast<uint8_t>(std::min(std::max(v, 0), 255));
         }
       }
       w.f[8 * k + g] = d * static_cast<float>(big) / per_step;
