@@ -141,7 +141,8 @@ def test_q6k_crafted_groups(repack):
     assert not assert_same(raw, QT.Q6_K, repack)
 
 
-def test_loader_uses_it_and_gets_the_same_mlx_arrays(repack):
+def test_loader_uses_it_and_gets_the_same_mlx_arrays(ext):
+    """Through _tensor_arrays: the kernels' repack into their unfilled MLX arrays (`empty`)."""
     rng = np.random.default_rng(3)
     for qtype in (QT.Q5_0, QT.Q6_K, QT.Q8_0):
         raw = random_raw(qtype, 40, 512, rng)
@@ -150,13 +151,13 @@ def test_loader_uses_it_and_gets_the_same_mlx_arrays(repack):
         t = loader.TensorInfo("w", (40, 512), qtype, 0, raw.nbytes)
         for dtype in (mx.float16, mx.float32):
             want = loader._tensor_arrays(raw.reshape(-1), t, True, dtype)
-            got = loader._tensor_arrays(raw.reshape(-1), t, True, dtype, repack)
+            got = loader._tensor_arrays(raw.reshape(-1), t, True, dtype, ext)
             assert len(got) == len(want) == 3
             assert all(g.dtype == w.dtype and mx.array_equal(g, w).item() for g, w in zip(got, want))
     raw = random_raw(QT.Q8_0, 4, 64, rng)
     _set_f16(raw, QT.Q8_0, 0, [1000.0] * 8)  # -128 d overflows fp16: dequantized, as in numpy
     t = loader.TensorInfo("w", (4, 64), QT.Q8_0, 0, raw.nbytes)
-    got = loader._tensor_arrays(raw.reshape(-1), t, True, mx.float16, repack)
+    got = loader._tensor_arrays(raw.reshape(-1), t, True, mx.float16, ext)
     want = loader._tensor_arrays(raw.reshape(-1), t, True, mx.float16)
     assert len(got) == len(want) == 1 and mx.array_equal(got[0], want[0]).item()
 
@@ -187,14 +188,24 @@ def test_without_the_kernels_the_numpy_repack_runs(monkeypatch, tmp_path):
     assert cpu_ext.built() is None and backends.gguf_repack() is None
 
 
-def test_real_model_first_load_identical(repack):
+def test_empty_is_an_mlx_array_of_the_shape(ext):
+    a = ext.empty([3, 5], mx.float16)
+    assert isinstance(a, mx.array) and a.shape == (3, 5) and a.dtype == mx.float16
+    view = np.array(a, copy=False)
+    view[:] = 2  # written through numpy, seen by MLX
+    assert mx.array_equal(a, mx.full((3, 5), 2, mx.float16)).item()
+    with pytest.raises(ValueError, match="negative"):
+        ext.empty([-1], mx.uint32)
+
+
+def test_real_model_first_load_identical(ext):
     """SmolLM2 (Q4_1, Q8_0) through the kernels: the numpy path's weights, bit for bit."""
     path = Path(os.environ["MLXGEN_TEST_SMOLLM2_GGUF"])
     if not path.is_file():
         pytest.skip(f"{path} missing")
     want = loader.read_gguf(path, scale_dtype=mx.float32, projection_scale_dtype=mx.float16)
     got = loader.read_gguf(path, scale_dtype=mx.float32, projection_scale_dtype=mx.float16,
-                           repack=repack)
+                           repack=ext)
     assert got.quantization == want.quantization and got.weights.keys() == want.weights.keys()
     for name, w in want.weights.items():
         g = got.weights[name]

@@ -9,6 +9,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/pair.h>
+#include <nanobind/stl/vector.h>
 
 #include <algorithm>
 #include <atomic>
@@ -25,7 +26,10 @@
 #include <immintrin.h>
 #endif
 
+#include "mlx/array.h"
 #include "pool.h"
+
+namespace mx = mlx::core;
 
 namespace nb = nanobind;
 
@@ -379,6 +383,17 @@ std::pair<bool, bool> repack_blocks(Bytes raw, int type, Words codes, Floats sca
   return {scales_ok.load(), biases_ok.load()};
 }
 
+// An MLX array with uninitialized memory, for repack_blocks to fill: no zero-fill pass, and its
+// pages are first touched by the repack's threads.
+mx::array empty(const std::vector<int>& shape, mx::Dtype dtype) {
+  size_t bytes = dtype.size();
+  for (int n : shape) {
+    if (n < 0) throw std::invalid_argument("empty: negative dimension");
+    bytes *= static_cast<size_t>(n);
+  }
+  return mx::array(mx::allocator::malloc(bytes), mx::Shape(shape.begin(), shape.end()), dtype);
+}
+
 }  // namespace
 
 // Called from fast_math.cpp's module definition.
@@ -387,4 +402,6 @@ void add_repack_op(nb::module_& m) {
         nb::arg("biases"), nb::arg("threads") = 0,
         "GGUF blocks (rows, row_bytes) uint8 -> MLX codes, fp16 scales and biases (float16 or float32 "
         "arrays), written in place; returns (scales finite, biases finite).");
+  m.def("empty", &empty, nb::arg("shape"), nb::arg("dtype"),
+        "An evaluated MLX array whose memory is not initialized (every byte to be written by the caller).");
 }

@@ -78,15 +78,16 @@ def projection_scale_dtype(float_dtype):
 
 
 def gguf_repack():
-    """The CPU kernels' GGUF block repack (kernels/cpu/repack.cpp, the numpy repack's bytes, on
-    every core) where they are built and allowed: a CPU machine, MLXGEN_CPU_KERNELS not off.
-    Else None, and the loader repacks in numpy. Never starts a build (ext.built)."""
+    """The CPU kernels for a GGUF load's block repack (their repack_blocks, kernels/cpu/repack.cpp:
+    the numpy repack's bytes, on every core; and empty, an unfilled MLX array for it), where they
+    are built and allowed: a CPU machine, MLXGEN_CPU_KERNELS not off. Else None, and the loader
+    repacks in numpy. Never starts a build (ext.built)."""
     if not device.is_cpu():
         return None
     from .cpu import ext
 
     module = ext.built()
-    return getattr(module, "repack_blocks", None)
+    return module if hasattr(module, "repack_blocks") else None
 
 
 def prepare(model, backend: str | None = None) -> Runtime:
