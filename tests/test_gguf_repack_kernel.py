@@ -210,3 +210,32 @@ def test_real_model_first_load_identical(ext):
     for name, w in want.weights.items():
         g = got.weights[name]
         assert g.dtype == w.dtype and mx.array_equal(g, w).item(), name
+
+
+def test_load_repacks_through_the_kernels(ext, tmp_path, monkeypatch):
+    """mlxgen.load on a CPU with the kernels built repacks the quantized tensors with them, and
+    the model's parameters equal a numpy-repacked load's."""
+    import types
+
+    import mlxgen
+    from gguf_fixtures import write_synthetic
+
+    syn = write_synthetic(tmp_path / "m.gguf", "llama")
+    seen = []
+
+    def spy(raw, qtype, *out, **kw):
+        seen.append(QT(qtype))
+        return ext.repack_blocks(raw, qtype, *out, **kw)
+
+    monkeypatch.setattr(backends, "gguf_repack",
+                        lambda: types.SimpleNamespace(repack_blocks=spy, empty=ext.empty))
+    model, _ = mlxgen.load(str(syn.path), quantized="keep", cache=False)
+    monkeypatch.setattr(backends, "gguf_repack", lambda: None)  # the numpy repack
+    want, _ = mlxgen.load(str(syn.path), quantized="keep", cache=False)
+    kernel_types = {q for q in syn.qtypes.values() if q in gguf_quants.KERNEL_TYPES}
+    assert kernel_types and set(seen) == kernel_types
+    from mlx.utils import tree_flatten
+
+    got = dict(tree_flatten(model.parameters()))
+    for name, w in tree_flatten(want.parameters()):
+        assert mx.array_equal(got[name], w).item(), name
