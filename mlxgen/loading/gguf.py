@@ -3,7 +3,8 @@
 Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks are repacked bit-exactly into MLX's affine quantized format
 (group size 32, fp16 scales/biases); K-quants are repacked by gguf_quants (Q4_K/Q5_K exactly,
 Q6_K/Q3_K/Q2_K to the nearest MLX form); other types (IQ*, TQ*) are dequantized to float32 with
-the `gguf` package. The header is parsed by gguf_header."""
+the `gguf` package. The header is parsed by gguf_header. On a CPU with mlxgen's kernels built,
+the repack of Q4_0..Q8_0, Q4_K, Q5_K and Q6_K is their C++ repack_blocks (the same bytes)."""
 
 from __future__ import annotations
 
