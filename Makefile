@@ -25,7 +25,7 @@ $(VENV)/.python:
 	$(PY) -m pip install -q --upgrade pip
 	touch $@
 
-$(VENV)/.installed: $(VENV)/.python pyproject.toml _mlxgen_blas.py mlxgen_blas.pth kernels/cpu/fast_math.cpp kernels/cpu/quant.cpp kernels/cpu/cpu_kernel.h kernels/cpu/pool.h kernels/cpu/CMakeLists.txt
+$(VENV)/.installed: $(VENV)/.python pyproject.toml _mlxgen_blas.py mlxgen_blas.pth kernels/cpu/fast_math.cpp kernels/cpu/quant.cpp kernels/cpu/repack.cpp kernels/cpu/cpu_kernel.h kernels/cpu/pool.h kernels/cpu/CMakeLists.txt
 	@if [ "$$(uname)" = Linux ] && ! ldconfig -p 2>/dev/null | grep -q libopenblas.so.0; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas0-pthread >/dev/null; \

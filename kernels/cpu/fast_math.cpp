@@ -466,6 +466,7 @@ template void decode_attention<_Float16>(const AttnShape&, const float*, const _
 
 void add_quant_ops(nb::module_& m);  // quant.cpp: kernels on quantized weights
 void add_decode_layer_op(nb::module_& m);  // decode_layer.cpp: a whole decoder layer for one token
+void add_repack_op(nb::module_& m);  // repack.cpp: GGUF blocks into MLX's quantized layout
 
 NB_MODULE(_mlxgen_cpu, m) {
   m.doc() = "mlxgen's CPU kernels (built for this machine by mlxgen/backends/cpu/ext.py).";
@@ -482,4 +483,5 @@ NB_MODULE(_mlxgen_cpu, m) {
         nb::arg("threads"));
   add_quant_ops(m);
   add_decode_layer_op(m);
+  add_repack_op(m);
 }

@@ -77,6 +77,19 @@ def projection_scale_dtype(float_dtype):
     return float_dtype
 
 
+def gguf_repack():
+    """The CPU kernels for a GGUF load's block repack (their repack_blocks, kernels/cpu/repack.cpp:
+    the numpy repack's bytes, on every core; and empty, an unfilled MLX array for it), where they
+    are built and allowed: a CPU machine, MLXGEN_CPU_KERNELS not off. Else None, and the loader
+    repacks in numpy. Never starts a build (ext.built)."""
+    if not device.is_cpu():
+        return None
+    from .cpu import ext
+
+    module = ext.built()
+    return module if hasattr(module, "repack_blocks") else None
+
+
 def prepare(model, backend: str | None = None) -> Runtime:
     """Install `backend`'s implementations in `model` (default: this device's); returns and
     records how the model runs. Calling it again re-decides from scratch."""
@@ -101,4 +114,4 @@ def prepare(model, backend: str | None = None) -> Runtime:
 
 
 __all__ = ["BACKENDS", "Runtime", "check_environment", "cpu", "dequantize_here", "device",
-           "keep_quantized", "metal", "prepare", "projection_scale_dtype"]
+           "gguf_repack", "keep_quantized", "metal", "prepare", "projection_scale_dtype"]

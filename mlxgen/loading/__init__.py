@@ -184,9 +184,10 @@ def _read_gguf(path: Path, source: str, keep: bool = False, scales: tuple = _SCA
 def _convert_gguf(path: Path, keep: bool, scales: tuple):
     from .gguf import read_gguf
 
+    repack = backends.gguf_repack() if keep else None  # the CPU kernels' repack, if built
     try:
         return read_gguf(path, k_quants=keep, scale_dtype=scales[0],
-                         projection_scale_dtype=scales[1])
+                         projection_scale_dtype=scales[1], repack=repack)
     except (MlxgenError, MemoryError):
         raise
     except Exception as e:  # noqa: BLE001 - a safety net: a malformed file is a load error

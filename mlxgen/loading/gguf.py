@@ -3,7 +3,8 @@
 Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks are repacked bit-exactly into MLX's affine quantized format
 (group size 32, fp16 scales/biases); K-quants are repacked by gguf_quants (Q4_K/Q5_K exactly,
 Q6_K/Q3_K/Q2_K to the nearest MLX form); other types (IQ*, TQ*) are dequantized to float32 with
-the `gguf` package. The header is parsed by gguf_header."""
+the `gguf` package. The header is parsed by gguf_header. On a CPU with mlxgen's kernels built,
+the repack of Q4_0..Q8_0, Q4_K, Q5_K and Q6_K is their C++ repack_blocks (the same bytes)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, Callable
 
 import mlx.core as mx
 import numpy as np
@@ -23,8 +25,8 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from ..errors import ModelLoadError, UnsupportedModelError
 from . import limits
-from .gguf_quants import (K_BITS, K_EXACT, compact_words, in_row_chunks, pack, repack_k,
-                          take_packed)
+from .gguf_quants import (K_BITS, K_EXACT, KERNEL_TYPES, compact_words, in_row_chunks,
+                          kernel_repack, pack, repack_k, take_packed)
 from .gguf_header import TensorInfo, read_gguf_header
 from .gguf_tokenizer import TokenizerParts, tokenizer_from_gguf
 
@@ -95,22 +97,29 @@ class _MlxOutputs:
     memory, so repacked rows land in the model's buffers with no whole-tensor copy in between.
     float16 parts (scales, biases) are allocated in scale_dtype (exact: fp16 widens losslessly)."""
 
-    def __init__(self, scale_dtype: mx.Dtype):
-        self.scale_dtype, self.arrays = scale_dtype, []
+    def __init__(self, scale_dtype: mx.Dtype, empty: Callable | None = None):
+        # empty(shape, dtype): the CPU kernels' uninitialized MLX array, for a writer that fills
+        # every byte (their repack): no zero-fill pass
+        self.scale_dtype, self.arrays, self.empty = scale_dtype, [], empty
 
     def __call__(self, shape: tuple, dtype: np.dtype) -> np.ndarray:
         dtype = self.scale_dtype if np.dtype(dtype) == np.float16 else _MX_DTYPES[np.dtype(dtype)]
-        array = mx.zeros(shape, dtype)
-        mx.eval(array)
+        if self.empty is not None:
+            array = self.empty(list(shape), dtype)
+        else:
+            array = mx.zeros(shape, dtype)
+            mx.eval(array)
         self.arrays.append(array)
         return np.array(array, copy=False)
 
 
-def _tensor_arrays(buf: mmap.mmap, t: TensorInfo, keep: bool,
-                   scale_dtype: mx.Dtype = mx.float16) -> list[mx.array]:
+def _tensor_arrays(buf: mmap.mmap, t: TensorInfo, keep: bool, scale_dtype: mx.Dtype = mx.float16,
+                   repack: ModuleType | None = None) -> list[mx.array]:
     """One array, or [weight, scales, biases] when kept MLX-quantized.
 
-    Reads straight from the mapped file: only this tensor's repacked arrays are allocated."""
+    Reads straight from the mapped file: only this tensor's repacked arrays are allocated.
+    repack: the CPU kernels (backends.gguf_repack: their repack_blocks and empty), else numpy
+    repacks into zero-filled arrays."""
     if t.qtype in _FLOAT_DTYPES:  # F64 has no MLX dtype: narrowed to float32
         arr = np.frombuffer(buf, _FLOAT_DTYPES[t.qtype], math.prod(t.shape), t.offset)
         arr = arr.reshape(t.shape)
@@ -121,13 +130,21 @@ def _tensor_arrays(buf: mmap.mmap, t: TensorInfo, keep: bool,
     lead = t.shape[:-1]
     raw = np.frombuffer(buf, np.uint8, t.nbytes, t.offset).reshape(math.prod(lead), -1)
     if keep:
-        out = _MlxOutputs(scale_dtype if scale_dtype in (mx.float16, mx.float32) else mx.float16)
+        fast = repack is not None and t.qtype in KERNEL_TYPES
+        out = _MlxOutputs(scale_dtype if scale_dtype in (mx.float16, mx.float32) else mx.float16,
+                          repack.empty if fast else None)
+        kernel = repack.repack_blocks if fast else None
         if t.qtype in NATIVE_BITS:
-            triplet = in_row_chunks(raw, t.qtype, lambda rows: _repack_native(rows, t.qtype), out)
-            if not np.isfinite(triplet[2]).all():  # fp16 overflow of -128*d: the one inexact case
+            if kernel is not None:
+                triplet, _, finite = kernel_repack(raw, t.qtype, NATIVE_BITS[t.qtype], out, kernel)
+            else:
+                triplet = in_row_chunks(raw, t.qtype, lambda rows: _repack_native(rows, t.qtype),
+                                        out)
+                finite = np.isfinite(triplet[2]).all()
+            if not finite:  # fp16 overflow of -128*d: the one inexact case
                 triplet = None
         else:
-            triplet = repack_k(raw, t.qtype, out)  # None on an fp16 overflow
+            triplet = repack_k(raw, t.qtype, out, kernel)  # None on an fp16 overflow
         if triplet is not None:
             return [a.reshape(*lead, -1) for a in out.arrays]
     try:
@@ -140,9 +157,9 @@ def _tensor_arrays(buf: mmap.mmap, t: TensorInfo, keep: bool,
     return [mx.array(values.reshape(t.shape))]
 
 
-def _load_tensor(buf: mmap.mmap, t: TensorInfo, keep: bool,
-                 scale_dtype: mx.Dtype = mx.float16) -> list[mx.array]:
-    arrays = _tensor_arrays(buf, t, keep, scale_dtype)
+def _load_tensor(buf: mmap.mmap, t: TensorInfo, keep: bool, scale_dtype: mx.Dtype = mx.float16,
+                 repack: ModuleType | None = None) -> list[mx.array]:
+    arrays = _tensor_arrays(buf, t, keep, scale_dtype, repack)
     _release_pages(buf, t)
     return arrays
 
@@ -321,6 +338,7 @@ _GGUF_KEYS = {
 def read_gguf(
     path: str | os.PathLike, dequantize: bool = False, k_quants: bool = True,
     scale_dtype: mx.Dtype = mx.float16, projection_scale_dtype: mx.Dtype | None = None,
+    repack: ModuleType | None = None,
 ) -> GGUFContents:
     """Load a llama/qwen2/qwen3/qwen3moe/gemma2/gemma3/phi3 GGUF as an HF-layout config, weights
     and tokenizer.
@@ -331,7 +349,8 @@ def read_gguf(
     scale_dtype: float16 (as GGUF stores them) or float32 (the same values, for a model that
     will run in float32: saves converting them afterwards). projection_scale_dtype: the same
     for every quantized tensor but the embedding and expert stacks (default scale_dtype): the
-    CPU backend keeps a float32 model's projection scales in float16."""
+    CPU backend keeps a float32 model's projection scales in float16. repack: the CPU kernels
+    (backends.gguf_repack: the same bytes, faster), else numpy repacks."""
     path = Path(path)
     header = read_gguf_header(path)
     meta = header.metadata
@@ -362,7 +381,8 @@ def read_gguf(
     projection_scale_dtype = projection_scale_dtype or scale_dtype
     for t, keep, (module, suffix) in jobs:
         own = module == "model.embed_tokens" or ".experts." in module
-        arrays = _load_tensor(header.buffer, t, keep, scale_dtype if own else projection_scale_dtype)
+        arrays = _load_tensor(header.buffer, t, keep, scale_dtype if own else projection_scale_dtype,
+                              repack)
         if t.name == "rope_freqs.weight":
             config["rope_freq_factors"] = arrays[0].astype(mx.float32).tolist()
             continue

@@ -27,6 +27,10 @@ _MAX_WORKERS = 8  # repack threads (memory-bound passes: more cores stop helping
 
 Triplet = tuple[np.ndarray, np.ndarray, np.ndarray]
 Alloc = Callable[[tuple, np.dtype], np.ndarray]  # (shape, dtype) -> a writable array
+# The CPU kernels' repack_blocks(raw, qtype, codes, scales, biases) -> (scales finite, biases
+# finite): kernels/cpu/repack.cpp, the same bytes as the numpy passes, for these types.
+Kernel = Callable[..., tuple[bool, bool]]
+KERNEL_TYPES = {QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K}
 
 
 def pack(q: np.ndarray, bits: int) -> np.ndarray:
@@ -160,12 +164,29 @@ def _requantized(qtype: QT) -> Callable[[np.ndarray], tuple]:
     return lambda blocks: _minmax(gguf_dequantize(blocks, qtype), K_BITS[qtype])
 
 
-def repack_k(raw: np.ndarray, qtype: QT, alloc: Alloc = np.empty) -> Triplet | None:
+def kernel_repack(raw: np.ndarray, qtype: QT, bits: int, alloc: Alloc,
+                  kernel: Kernel) -> tuple[Triplet, bool, bool]:
+    """raw's rows through the CPU kernels' repack (a type in KERNEL_TYPES) into arrays from
+    alloc, as in_row_chunks allocates them; with whether every scale, every bias is finite."""
+    block, block_bytes = GGML_QUANT_SIZES[qtype]
+    rows, elements = raw.shape[0], raw.shape[1] // block_bytes * block
+    out = (alloc((rows, elements * bits // 32), np.uint32),
+           alloc((rows, elements // GROUP), np.float16), alloc((rows, elements // GROUP), np.float16))
+    scales_ok, biases_ok = kernel(raw, int(qtype), *out)
+    return out, scales_ok, biases_ok
+
+
+def repack_k(raw: np.ndarray, qtype: QT, alloc: Alloc = np.empty,
+             kernel: Kernel | None = None) -> Triplet | None:
     """(rows, row_bytes) GGML K-quant rows -> MLX (packed uint32, fp16 scales, fp16 biases),
-    written into arrays from alloc (see in_row_chunks).
+    written into arrays from alloc (see in_row_chunks); by `kernel` where given and it has the
+    type (Q4_K, Q5_K, Q6_K), else in numpy.
 
     None when a scale or bias overflows fp16 (the caller dequantizes instead)."""
     block_bytes, bits = GGML_QUANT_SIZES[qtype][1], K_BITS[qtype]
+    if kernel is not None and qtype in KERNEL_TYPES:
+        triplet, scales_ok, biases_ok = kernel_repack(raw, qtype, bits, alloc, kernel)
+        return triplet if scales_ok and biases_ok else None
     convert = {QT.Q4_K: lambda b: _q4k_q5k(b, QT.Q4_K), QT.Q5_K: lambda b: _q4k_q5k(b, QT.Q5_K),
                QT.Q6_K: _q6k}.get(qtype) or _requantized(qtype)
 

@@ -29,7 +29,8 @@ from ..sources import read_source
 
 log = logging.getLogger("mlxgen")
 
-SOURCES = ("cpu/fast_math.cpp", "cpu/quant.cpp", "cpu/decode_layer.cpp", "cpu/cpu_kernel.h", "cpu/kernels.h",
+SOURCES = ("cpu/fast_math.cpp", "cpu/quant.cpp", "cpu/decode_layer.cpp", "cpu/repack.cpp",
+           "cpu/cpu_kernel.h", "cpu/kernels.h",
            "cpu/pool.h", "cpu/CMakeLists.txt")
 MODULE = "_mlxgen_cpu"
 BUILD_TIMEOUT_S = 600
@@ -183,6 +184,18 @@ def kernels() -> ModuleType | None:
     if module is None and mode == "on":
         raise CpuKernelBuildError(f"MLXGEN_CPU_KERNELS=on but the CPU kernels are unavailable: {error}")
     return module
+
+
+def built() -> ModuleType | None:
+    """The extension where it is already built for these sources (imported now), else None; never
+    starts a build (a GGUF load asks: building belongs to the backend and `make setup`). None
+    also when MLXGEN_CPU_KERNELS=off."""
+    if settings.cpu_kernels() == "off":
+        return None
+    lib = _find_built(build_dir())
+    if lib is None or not trust.safe_to_load(lib):
+        return None
+    return _load()[0]
 
 
 def loaded() -> ModuleType:
