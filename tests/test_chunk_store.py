@@ -252,6 +252,13 @@ def test_a_context_is_encoded_once_for_the_chunks_after_it(arch, monkeypatch):
     store.add(docs[1], context=head + [1])
     assert runs == [tuple(head), tuple(other), tuple(token_ids(5, seed=9)), tuple(head + [1])]
     assert len(store._contexts) == chunk_store.CONTEXTS_KEPT
+    # A context too large for the store's byte limit is used, not kept.
+    one = sum(k.nbytes + v.nbytes for k, v in store._contexts[tuple(head + [1])])
+    small = ChunkStore(model, None, max_bytes=chunk_store.CONTEXTS_SHARE * one - 1,
+                       context=head + [1])
+    small.add(docs[0])
+    small.add(docs[1])
+    assert runs[-2:] == [tuple(head + [1])] * 2 and not small._contexts
 
 
 def test_context_keyed_store(tiny, tmp_path):

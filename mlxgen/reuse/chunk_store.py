@@ -31,8 +31,9 @@ from .fingerprint import model_fingerprint
 log = logging.getLogger("mlxgen")
 
 # Contexts whose K/V a store keeps for encoding (the server uses two: the head, and the head
-# with the stand-in document after it).
-CONTEXTS_KEPT = 2
+# with the stand-in document after it); one larger than 1/CONTEXTS_SHARE of the store's byte
+# limit is used for its chunk and not kept.
+CONTEXTS_KEPT, CONTEXTS_SHARE = 2, 8
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def encode_chunk(model, token_ids: Sequence[int], chunk_size: int | None = None,
     cache = model.make_cache("pre-rope", keep_all=True)  # every token's K/V, windowed or not
     if context_kv is not None:
         for c, (k, v) in zip(cache, context_kv):
-            c.update_and_fetch(k, v)
+            c.append(k, v)
         tokens = mx.array(list(token_ids))
     else:
         tokens = mx.array(list(context) + list(token_ids))
@@ -147,7 +148,7 @@ class ChunkStore:
             self._key_bytes = persist.open_store_dir(self.path or Path(""), self.fingerprint,
                                                      model.model_type)
         self._entries: OrderedDict[str, ChunkKV] = OrderedDict()
-        self._contexts: OrderedDict[tuple[int, ...], ContextKV] = OrderedDict()  # not in nbytes
+        self._contexts: OrderedDict[tuple[int, ...], ContextKV] = OrderedDict()  # see CONTEXTS_KEPT
         self.nbytes = 0  # bytes held in memory
         self.encoded = 0  # chunks encoded by this store (the rest came from memory or disk)
         self.context = self._context_ids(context, False)
@@ -254,12 +255,14 @@ class ChunkStore:
         if not context:
             return None
         kv = self._contexts.get(context)
-        if kv is None:
-            kv = encode_context(self.model, context, self.prefill_chunk_size)
+        if kv is not None:
+            self._contexts.move_to_end(context)
+            return kv
+        kv = encode_context(self.model, context, self.prefill_chunk_size)
+        if sum(k.nbytes + v.nbytes for k, v in kv) <= self.max_bytes // CONTEXTS_SHARE:
             while len(self._contexts) >= CONTEXTS_KEPT:
                 self._contexts.popitem(last=False)
             self._contexts[context] = kv
-        self._contexts.move_to_end(context)
         return kv
 
     def _key(self, token_ids: Sequence[int], context: Sequence[int] = ()) -> str:
