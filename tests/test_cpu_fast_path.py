@@ -87,6 +87,14 @@ def test_scattered_queries_attend_only_up_to_their_keys(window, cpu_kernels, mon
     want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
     assert mx.abs(got - want).max().item() < 1e-5
     assert len(widths) >= 3 and min(widths) <= 30 + cpu_ops.TRIM_KEYS and max(widths) == n
+    # The next layer gets the same mask object: its row extents are not read back again.
+    argmax = mx.argmax
+    reads = []
+    monkeypatch.setattr(mx, "argmax", lambda *a, **k: reads.append(1) or argmax(*a, **k))
+    again = cpu_ops.scaled_dot_product_attention(q, k, v, 0.125, mask, cpu_kernels)
+    assert not reads and mx.array_equal(again, got).item()
+    cpu_ops.scaled_dot_product_attention(q, k, v, 0.125, mx.array(mask), cpu_kernels)
+    assert len(reads) == 1
 
 
 @pytest.fixture(scope="module")

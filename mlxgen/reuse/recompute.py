@@ -48,11 +48,11 @@ class ScatterView:
 
     pre_rope = False  # what the attention layer sees: keys come back rotated, never a decode step
 
-    def __init__(self, cache: KVCache, positions: mx.array, n_keys: int,
+    def __init__(self, cache: KVCache, positions: mx.array, n_keys: int, visible: mx.array,
                  bias: mx.array | None = None):
         self.cache, self.positions, self.n_keys = cache, positions, n_keys
         self.window = cache.window
-        self.mask = cache.visible(positions, n_keys)  # a windowed layer sees less
+        self.mask = visible  # cache.visible(positions, n_keys): a windowed layer sees less
         if bias is not None:  # an additive logit offset per key (APE's scale: log S)
             seen = bias[cache.start : n_keys].astype(cache.keys.dtype)
             self.mask = mx.where(self.mask, seen[None], mx.array(-mx.inf, seen.dtype))
@@ -81,8 +81,12 @@ def forward_at(
         pos = mx.array(pos_list, dtype=mx.int32)
         n_keys = pos_list[-1] + 1  # later keys are masked anyway: leave them out
         x = h[:, s : s + block]
+        masks = {}  # one per (start, window): the same object for alike layers
         for i in layers:
-            x = model.layers[i](x, ScatterView(cache[i], pos, n_keys, bias))
+            c = cache[i]
+            if (c.start, c.window) not in masks:
+                masks[c.start, c.window] = c.visible(pos, n_keys)
+            x = model.layers[i](x, ScatterView(c, pos, n_keys, masks[c.start, c.window], bias))
         outs.append(x)
         mx.async_eval(cache_state(cache))
     return mx.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]

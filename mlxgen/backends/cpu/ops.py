@@ -109,7 +109,7 @@ def _attend_trimmed(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: m
     in groups whose last visible keys are close, each group attending only up to its last
     visible key, so a row near the prompt's start does not pay for every key after it."""
     L, N = mask.shape
-    ends = (N - mx.argmax(mask[:, ::-1], axis=-1)).tolist()  # 1 + last visible key per row
+    ends = _visible_ends(mask)
     blocks, start = [], 0
     while start < L:
         end, lo, hi = start + 1, ends[start], ends[start]
@@ -121,6 +121,18 @@ def _attend_trimmed(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: m
                               mask[start:end, :hi], ext))
         start = end
     return mx.concatenate(blocks, axis=2) if len(blocks) > 1 else blocks[0]
+
+
+_last_ends: tuple[mx.array, list[int]] | None = None  # (mask, its ends): reused while it is
+
+
+def _visible_ends(mask: mx.array) -> list[int]:
+    """1 + each row's last visible key. Every layer of a recompute pass gets the same mask object
+    (recompute.forward_at): it is read back once, not once per layer."""
+    global _last_ends
+    if _last_ends is None or _last_ends[0] is not mask:
+        _last_ends = (mask, (mask.shape[1] - mx.argmax(mask[:, ::-1], axis=-1)).tolist())
+    return _last_ends[1]
 
 
 def _block_rows(heads: int, keys: int, target_bytes: int = 1 << 21) -> int:
