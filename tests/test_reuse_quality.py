@@ -274,6 +274,19 @@ def test_bench_settings_grid():
             parse_settings(bad)
 
 
+def test_bench_skip_questions_is_checked_before_storing(monkeypatch):
+    """--skip-questions past a set's questions fails before any document is encoded."""
+    from mlxgen.bench import reuse
+    from mlxgen.errors import MlxgenError
+
+    monkeypatch.setattr(reuse, "prefill", lambda *a, **k: mx.zeros(1))
+    monkeypatch.setattr(reuse, "ChunkStore", lambda *a: pytest.fail("stored a document"))
+    model = type("M", (), {"layers": [None]})()
+    tok = type("T", (), {"eos_token_ids": []})()
+    with pytest.raises(MlxgenError, match="--skip-questions 10: .* has 10 questions"):
+        reuse.run_rag(model, tok, [("context", "none", 0.0)], 1, 5, 512, 4, print, skip=10)
+
+
 def test_default_depends_on_how_the_chunks_were_stored(monkeypatch):
     """Unset recompute and strategy: chunks all stored after a context get CONTEXT_RECOMPUTE
     "first" (each placed chunk's first tokens, no check pass), chunks stored alone (or a prompt

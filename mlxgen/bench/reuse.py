@@ -77,10 +77,11 @@ def parse_settings(text: str) -> list[Setting]:
 
 
 def run_rag(model, tokenizer, grid: Sequence[Setting], reps: int, n_questions: int,
-            doc_tokens: int, n_docs: int, log, progress=None) -> dict:
+            doc_tokens: int, n_docs: int, log, progress=None, skip: int = 0) -> dict:
     """TTFT here is prompt -> first-token logits evaluated (tokenizing, composing / prefilling,
     LM head), the same span stream_generate's TTFT covers minus sampling one token.
-    n_questions per document set (two sets: reuse_docs.doc_sets), alternating between the sets;
+    n_questions per document set (two sets: reuse_docs.doc_sets) after the first `skip` of each
+    (a later run extends an earlier one's questions), alternating between the sets;
     the full-prefill reference of each question is computed once and shared by every setting;
     progress(result so far) is called after each question."""
     stop = tokenizer.eos_token_ids
@@ -91,6 +92,10 @@ def run_rag(model, tokenizer, grid: Sequence[Setting], reps: int, n_questions: i
     sets = doc_sets(n_docs)
     prompts = []  # (set name, question, stored documents)
     for docset in sets:
+        asked = docset.questions[skip : skip + n_questions]
+        if skip < 0 or not asked:
+            raise MlxgenError(f"--skip-questions {skip}: the {docset.name!r} set has "
+                              f"{len(docset.questions)} questions; skip fewer.")
         by_store = {s: ChunkStore(model, tokenizer) for s in stores}
         docs = [fit(tokenizer, d, doc_tokens) for d in docset.docs]
         for s, store in by_store.items():
@@ -98,7 +103,7 @@ def run_rag(model, tokenizer, grid: Sequence[Setting], reps: int, n_questions: i
             rag_segments(tokenizer, store, docset.questions[0], docs, doc_tokens,
                          context=s != "alone", stand_in=s == "standin")
             encode_s[s] += time.perf_counter() - start
-        prompts.append([(docset.name, q, by_store, docs) for q in docset.questions[:n_questions]])
+        prompts.append([(docset.name, q, by_store, docs) for q in asked])
     log(f"  stored {sum(len(d.docs) for d in sets)} documents per store in "
         + ", ".join(f"{s} {t:.2f} s" for s, t in encode_s.items()) + " (one-time)")
 
@@ -162,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="explicit rows instead of the grid: comma list of STORE/none, STORE/auto, "
                    "STORE/STRATEGY/FRACTION (e.g. alone/mixed/0.15,context/auto)")
     p.add_argument("--questions", type=int, default=10, help="questions per document set (2 sets)")
+    p.add_argument("--skip-questions", type=int, default=0, help="leave out each set's first "
+                   "N questions (extend an earlier run with the next ones)")
     p.add_argument("--docs", default="4", help="documents per prompt, comma list (4: ~2.1k "
                    "tokens, 16: ~8.2k)")
     p.add_argument("--doc-tokens", type=int, default=512)
@@ -204,6 +211,8 @@ def run_cli(argv: Sequence[str]) -> int:
         name = "reuse-" + Path(source).name.replace(":", "_")
         if "rag" in parts and n_docs != [4]:
             name += "-" + "-".join(f"{n}docs" for n in n_docs)
+        if "rag" in parts and args.skip_questions:
+            name += f"-from-q{args.skip_questions + 1}"
         if "rag" not in parts:
             name += "-chat"
 
@@ -222,7 +231,7 @@ def run_cli(argv: Sequence[str]) -> int:
                     save()
 
                 run_rag(model, tokenizer, grid, args.reps, args.questions, args.doc_tokens, n,
-                        log, progress)
+                        log, progress, args.skip_questions)
         if "chat" in parts:
             result["chat"] = run_chat(model, tokenizer, log)
             save()
