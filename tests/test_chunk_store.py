@@ -292,13 +292,14 @@ def test_context_keyed_store(tiny, tmp_path):
     file.write_bytes((tmp_path / f"{other.key}.safetensors").read_bytes())
     assert max_diff(again.get(after).keys, kv.keys) < TOL and again.encoded == 1
     assert file.with_suffix(".foreign").exists()
-    # The store's default context; placed after exactly that context, the chunk is exact.
+    # The store's default context; placed after exactly that context, the chunk is exact, and
+    # the context's K/V, kept by the store, serve the head.
     by_default = ChunkStore(model, tok, context=head).add(doc)
     assert by_default.key == after.key
     q = tok.encode(" Where?", add_special_tokens=False)
     prompt = [head, after, q]
     want = [r.token for r in mlxgen.stream_generate(model, tok, head + doc + q, max_tokens=6)]
     got = list(mlxgen.stream_generate(model, tok, prompt, max_tokens=6, recompute=0.0))
-    assert [r.token for r in got] == want and got[-1].stats.cached_tokens == len(doc)
+    assert [r.token for r in got] == want and got[-1].stats.cached_tokens == len(head + doc)
     with pytest.raises(MlxgenError, match="token ids"):
         store.add(doc, context=[1, 2, 10_000])

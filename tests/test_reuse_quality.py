@@ -232,13 +232,13 @@ def test_context_stored_chunks(arch):
     _, _, logits = run(model, ids, segments(ctx), recompute=1.0, prefill_chunk_size=7)
     assert max_diff(logits, want) < 1e-4
     composition, _, _ = run(model, ids, segments(ctx), recompute=1.0)
-    assert composition.cached_tokens == 22  # the first chunk: exact as stored
+    assert composition.cached_tokens == 8 + 22  # the head and the first chunk: exact as stored
     err = {name: kl_to_full(model, ids, run(model, ids, segments(s), recompute=0.0)[2])
            for name, s in (("alone", alone), ("context", ctx))}
     assert 0 < err["context"] < err["alone"]
     first, c1, l1 = run(model, ids, segments(ctx), recompute="auto")
     again, c2, l2 = run(model, ids, segments(ctx), recompute="auto")
-    assert first.cached_tokens == again.cached_tokens == 22 + 24 - CONTEXT_FIRST
+    assert first.cached_tokens == again.cached_tokens == 8 + 22 + 24 - CONTEXT_FIRST
     assert mx.array_equal(l1, l2).item()
     assert all(mx.array_equal(a.keys, b.keys).item() for a, b in zip(c1, c2))
     # APE's temperature/scale: (1, 1) changes nothing, recompute=1.0 still is a full prefill,
@@ -249,6 +249,38 @@ def test_context_stored_chunks(arch):
     assert max_diff(full, want) < 1e-4
     _, _, moved = run(model, ids, segments(ctx), recompute="auto", ape=Ape(0.8, 0.5))
     assert max_diff(moved, l1) > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_head_is_served_from_the_store(arch):
+    """A prompt opening with the context its first chunk was stored after gets that context's
+    K/V from the store, as computing it would give (cached_tokens counts them); a store that no
+    longer keeps the context, or another head, has the head computed. gemma2: a head longer
+    than its sliding window."""
+    model = tiny_model(arch, num_hidden_layers=4)
+    ids = token_ids(80, seed=11)
+    head = ids[:20]
+    store = ChunkStore(model, None, context=head)
+
+    def segments(first=head):
+        return [Segment(first[:12]), Segment(first[12:]), Segment(ids[20:44], store.add(ids[20:44])),
+                Segment(ids[44:46]), Segment(ids[46:70], store.add(ids[46:70])),
+                Segment(ids[70:])]
+
+    segs = segments()
+    served, c1, l1 = run(model, ids, segs, recompute=0.0)
+    assert served.cached_tokens == 20 + 24 + 24
+    store.clear()  # the context's K/V go too: the head is computed (the chunks encoded again)
+    computed, c2, l2 = run(model, ids, segs, recompute=0.0)
+    assert computed.cached_tokens == 24 + 24
+    assert max_diff(l1, l2) < 1e-4
+    assert all(max_diff(a.keys[..., : a.offset - a.start, :], b.keys[..., : b.offset - b.start, :])
+               < 1e-4 for a, b in zip(c1, c2))
+    _, _, full = run(model, ids, segments(), recompute=1.0)  # the context is kept again
+    assert max_diff(full, model(mx.array(ids)[None])[:, -1]) < 1e-4
+    other = [ids[0] + 1] + head[1:]
+    moved, _, _ = run(model, other + ids[20:], segments(other), recompute=0.0)
+    assert moved.cached_tokens == 24 + 24  # the first chunk is not exact after another head
 
 
 def test_ape_values_are_checked():

@@ -134,11 +134,11 @@ def run_rag(model, tokenizer, grid: Sequence[Setting], reps: int, n_questions: i
                       else strategy)
             runs = [composed_quality(model, tokenizer, segs[store], cont, ref, **kw)
                     for _ in range(reps)]
-            quality, _, cached = runs[0]
+            quality, _, recomputed = runs[0]
             reused = statistics.median(r[1] for r in runs)
             rows[_key(store, strategy, f)].append(dict(
-                vars(quality), ttft_s=reused, cached_tokens=cached, speedup=cold / reused,
-                recomputed=1 - cached / n_chunk))
+                vars(quality), ttft_s=reused, cached_tokens=n_chunk - recomputed,
+                speedup=cold / reused, recomputed=recomputed / n_chunk))
             log(f"    {_key(store, strategy, f)}: TTFT {reused:.3f} s ({cold / reused:.1f}x), "
                 f"agreement {quality.agreement:.2f} of {quality.n}, prefix {quality.prefix}, "
                 f"KL {quality.kl:.3f}")

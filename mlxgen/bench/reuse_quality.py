@@ -142,14 +142,15 @@ def reference(model, ids: Sequence[int], n: int = N_TOKENS, stop: Sequence[int] 
 
 def composed_quality(model, tokenizer, segments: list, continuation: Sequence[int], ref: mx.array,
                      **run_kw) -> tuple[Quality, float, int]:
-    """(quality, TTFT of composition + first logits, cached tokens) for one segment prompt."""
+    """(quality, TTFT of composition + first logits, chunk tokens recomputed) for one segment
+    prompt."""
     start = time.perf_counter()
     composition = plan(model, tokenizer, segments, parse_special=True)  # rag_segments: template text
     cache, logits = composition.run(model, **run_kw)
     mx.eval(logits)
     ttft = time.perf_counter() - start
     got = forced_logprobs(model, cache, logits, continuation)
-    return compare(ref, got, continuation), ttft, composition.cached_tokens
+    return compare(ref, got, continuation), ttft, composition.recomputed
 
 
 def docs_for(tokenizer, n_tokens: int = 512) -> list[str]:

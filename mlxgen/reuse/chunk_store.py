@@ -249,6 +249,10 @@ class ChunkStore:
             return ()
         return tuple(self._token_ids(context, parse_special))
 
+    def kept_context(self, context: tuple[int, ...]) -> ContextKV | None:
+        """The K/V of a context this store keeps (see CONTEXTS_KEPT), else None; never encodes."""
+        return self._contexts.get(tuple(context)) if context else None
+
     def _context_kv(self, context: tuple[int, ...]) -> ContextKV | None:
         """The context's K/V, computed once for the last few contexts used: documents stored
         after one head (or one stand-in) share it."""

@@ -7,7 +7,9 @@ Layout of a composed prompt:
   the recomputed share of chunk tokens together, each attending to everything before it; a prompt
   that ends with a chunk has that chunk's last token computed there, since logits are needed.
 The splice keeps the cache mode's own fast path: by default (standard) the rotation is paid once
-at splice time, so decoding attends exactly as after a normal prefill."""
+at splice time, so decoding attends exactly as after a normal prefill.
+A prompt that opens with exactly the context its first chunk was stored after (the chat-template
+head) has that head's K/V spliced too when the chunk's store still keeps them: they are exact."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from ..cache import KVCache
 from ..errors import ChunkStoreError, MlxgenError
 from ..prefill import chunk_size_for, prefill
 from ..tokenizer import check_text
-from .chunk_store import Chunk
+from .chunk_store import Chunk, ContextKV
 from .fingerprint import model_fingerprint
 from .placement import splice
 from .recompute import Ape, defaults_for, recompute_placed
@@ -42,7 +44,8 @@ class Segment:
 class Composition:
     segments: list[Segment]
     ids: list[int]
-    cached_tokens: int = 0  # chunk tokens served from the store (not recomputed)
+    cached_tokens: int = 0  # prompt tokens served from the store (not computed)
+    recomputed: int = 0  # chunk tokens recomputed
 
     def run(
         self,
@@ -66,8 +69,16 @@ class Composition:
         if not settings.cache_reuse(cache_reuse) or not any(kinds):
             return cache, prefill(model, self.ids, cache, block)
         spans, text = [], []  # spans: (start, length) of chunks not exact as stored
-        spliced = 0
+        spliced, first = 0, kinds.index(True)
+        head = _stored_head(self.segments[first].chunk,
+                            self.ids[: sum(len(s.ids) for s in self.segments[:first])])
+        if head is not None:  # the text before the first chunk, from the store
+            for layer, c, (k, v) in zip(model.layers, cache, head):
+                splice(c, k, v, layer.self_attn.rope)
+            spliced = head[0][0].shape[2]
         for i, seg in enumerate(self.segments):
+            if head is not None and i < first:
+                continue
             start = cache[0].offset
             n = 0  # tokens spliced from the store
             if seg.chunk is not None:
@@ -80,9 +91,9 @@ class Composition:
                         spans.append((start, n))
             _place_zeros(model, cache, len(seg.ids) - n)  # placeholders: computed below
             text.extend(range(start + n, start + len(seg.ids)))
-        recomputed, hidden = recompute_placed(model, cache, self.ids, spans, text, fraction,
-                                              strategy, block, contexted, ape)
-        self.cached_tokens = spliced - recomputed
+        self.recomputed, hidden = recompute_placed(model, cache, self.ids, spans, text, fraction,
+                                                   strategy, block, contexted, ape)
+        self.cached_tokens = spliced - self.recomputed
         return cache, model.logits(hidden)[:, -1, :]
 
 
@@ -127,6 +138,14 @@ def _exact(chunk: Chunk, ids: list[int], start: int) -> bool:
     """A chunk preceded by exactly the context it was encoded after (none: it starts the prompt)
     saw all it would see in a full prefill: its stored K/V are exact."""
     return len(chunk.context) == start and tuple(ids[:start]) == chunk.context
+
+
+def _stored_head(chunk: Chunk, before: list[int]) -> ContextKV | None:
+    """The K/V of the text before the first chunk (`before`) when that text is the context the
+    chunk was stored after and the chunk's store still keeps that context's K/V, else None."""
+    if not before or tuple(before) != chunk.context:
+        return None
+    return chunk.store.kept_context(chunk.context)
 
 
 def _splice(model, cache: list[KVCache], chunk: Chunk, n: int) -> None:
