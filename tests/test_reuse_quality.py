@@ -18,7 +18,7 @@ from mlxgen.reuse import ChunkStore
 from mlxgen.reuse.compose import Composition, Segment
 from mlxgen.errors import ConfigError
 from mlxgen.reuse.recompute import (
-    CHECK_LAYERS, CONTEXT_FIRST, SINK_TOKENS, Ape, _first_tokens, _graded_first, _pick,
+    CHECK_LAYERS, CONTEXT_FIRST, SINK_TOKENS, Ape, _first_tokens, _pick,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def run(model, ids, segments, **kw):
 
 def test_budget_is_the_fraction_of_chunk_tokens(rag):
     model, ids, segments = rag
-    for strategy in ("first", "deviation", "mixed", "graded"):
+    for strategy in ("first", "deviation", "mixed"):
         for fraction in (0.0, 0.05, 0.3, 1.0):
             composition, _, _ = run(model, ids, segments, recompute=fraction,
                                     recompute_strategy=strategy)
@@ -162,13 +162,6 @@ def test_token_choice():
     mixed = _pick(dev, placed, spans, 2 * SINK_TOKENS + 1, "mixed")
     sinks = list(range(10, 10 + SINK_TOKENS)) + list(range(43, 43 + SINK_TOKENS))
     assert mixed == sorted(sinks + [30])
-    # "graded": the budget shared by the chunks' starts (the prompt before each), exactly spent;
-    # a chunk too short for its share passes the rest to the deepest chunks with room.
-    spans = [(100, 50), (200, 50), (300, 50)]
-    graded = _graded_first(spans, 30)
-    assert graded == list(range(100, 105)) + list(range(200, 210)) + list(range(300, 315))
-    assert len(_graded_first([(10, 4), (200, 50)], 30)) == 30
-    assert _graded_first([(10, 40), (200, 5)], 30) == list(range(10, 35)) + list(range(200, 205))
 
 
 def test_quality_metrics():

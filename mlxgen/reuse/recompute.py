@@ -8,8 +8,6 @@ through every layer, attending to everything before them, recovers most of the d
 - "first" (EPIC): the first tokens of each chunk, which act as spurious attention sinks when a
   chunk is encoded alone;
 - "mixed": each chunk's first SINK_TOKENS tokens plus the highest-deviation ones;
-- "graded": each chunk's first tokens, the share growing with the prompt before the chunk (a
-  chunk deeper in the prompt missed more of it when stored);
 - recompute="auto": each chunk's first tokens (no selection pass): SINK_TOKENS for chunks stored
   alone (removes the spurious sinks), CONTEXT_FIRST for chunks stored after a context
   (bench/NOTES.md).
@@ -34,7 +32,7 @@ from ..errors import ConfigError
 from ..prefill import cache_state
 from .placement import fetch, rope_at, stored_at, write_at
 
-STRATEGIES = ("deviation", "first", "mixed", "graded")
+STRATEGIES = ("deviation", "first", "mixed")
 DEFAULT_STRATEGY = "mixed"  # with settings.DEFAULT_RECOMPUTE: chunks stored alone
 # The default when every chunk was stored after a context (no spurious sinks to force out):
 # a larger share of each chunk's first tokens, no selection pass (bench/NOTES.md, issue 18).
@@ -159,12 +157,8 @@ def recompute_placed(
         chosen = auto_tokens(spans, contexted)
     else:
         budget = min(n_chunk, math.ceil(fraction * n_chunk - 1e-9))
-        if budget in (0, n_chunk):
-            chosen = _all(spans) if budget else []
-        elif strategy == "first":
-            chosen = _first_tokens(spans, fraction)
-        elif strategy == "graded":
-            chosen = _graded_first(spans, budget)
+        if strategy == "first" or budget in (0, n_chunk):
+            chosen = _first_tokens(spans, fraction) if budget < n_chunk else _all(spans)
         else:
             chosen, h, done = _check_pass(model, cache, ids, spans, text_positions, budget,
                                           strategy, block)
@@ -227,16 +221,6 @@ def _all(spans: Sequence[tuple[int, int]]) -> list[int]:
 
 def _first_tokens(spans: Sequence[tuple[int, int]], fraction: float) -> list[int]:
     return [p for start, n in spans for p in range(start, start + math.ceil(fraction * n - 1e-9))]
-
-
-def _graded_first(spans: Sequence[tuple[int, int]], budget: int) -> list[int]:
-    """`budget` chunk tokens, each chunk's first ones, shared in proportion to the chunk's start
-    (the prompt before it); what a full chunk cannot take goes to the deepest ones with room."""
-    weights = [max(start, 1) for start, _ in spans]
-    counts = [min(n, budget * w // sum(weights)) for (_, n), w in zip(spans, weights)]
-    for i in sorted(range(len(spans)), key=lambda i: -weights[i]):
-        counts[i] += min(spans[i][1] - counts[i], budget - sum(counts))
-    return [p for (start, _), c in zip(spans, counts) for p in range(start, start + c)]
 
 
 def _first_count(spans: Sequence[tuple[int, int]], count: int) -> list[int]:
