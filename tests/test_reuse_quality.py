@@ -373,3 +373,33 @@ def test_default_depends_on_how_the_chunks_were_stored(monkeypatch):
                 Segment(ids[32:56], ctx.add(ids[32:56])), Segment(ids[56:])]
     _, _, logits = run(model, ids, segments, recompute=1.0)
     assert max_diff(logits, model(mx.array(ids)[None])[:, -1]) < 1e-4
+
+
+def test_merging_bench_runs():
+    """bench/merge_reuse_runs.py: a run and its --skip-questions extension give one table over
+    all questions; a setting only one run measured is dropped."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("merge_runs", ROOT / "bench/merge_reuse_runs.py")
+    merge_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge_runs)
+
+    def run(agreements, extra=False):
+        rows = [dict(agreement=a, prefix=1, n=32, first=True, kl=1 - a, kl_first=0.0, ttft_s=1.0,
+                     speedup=5.0, cached_tokens=10, recomputed=0.1) for a in agreements]
+        keys = {"standin first 0.20": ("standin", "first", 0.2)}
+        if extra:
+            keys["standin auto"] = ("standin", "auto", "auto")
+        questions = [dict(set="s", question="q", prompt_tokens=100, cold_ttft_s=2.0,
+                          reference="r") for _ in agreements]
+        per_question = {k: rows for k in keys}
+        table = [dict(summarize(rows), store=s, strategy=t, recompute=f) for s, t, f in keys.values()]
+        return {"model": "m", "rag": [dict(n_docs=16, doc_tokens=512, sets=["s"], stores=["standin"],
+                                           encode_s={}, cold_ttft_s=2.0, questions=questions,
+                                           per_question=per_question, table=table)]}
+
+    merged = merge_runs.merge([run([1.0, 0.5], extra=True), run([0.9, 0.8, 0.7])])
+    (row,) = merged["rag"][0]["table"]
+    assert row["strategy"] == "first" and len(merged["rag"][0]["questions"]) == 5
+    assert abs(row["agreement"] - 0.78) < 1e-9 and row["agreement_min"] == 0.5
+    assert abs(row["kl"] - 0.22) < 1e-9
