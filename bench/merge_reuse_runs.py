@@ -20,7 +20,8 @@ from mlxgen.bench.reuse_report import write_report
 
 def _key(row: dict) -> str:  # the bench's per-question key of a table row
     f, strategy = row["recompute"], row["strategy"]
-    return f"{row['store']} " + (strategy if strategy in ("none", "auto") else f"{strategy} {f:.2f}")
+    return f"{row['store']} " + (strategy if strategy in ("none", "auto")
+                                 else f"{strategy} {f:.2f}")
 
 
 def merge(results: list[dict]) -> dict:

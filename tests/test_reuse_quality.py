@@ -263,9 +263,9 @@ def test_head_is_served_from_the_store(arch):
     store = ChunkStore(model, None, context=head)
 
     def segments(first=head):
-        return [Segment(first[:12]), Segment(first[12:]), Segment(ids[20:44], store.add(ids[20:44])),
-                Segment(ids[44:46]), Segment(ids[46:70], store.add(ids[46:70])),
-                Segment(ids[70:])]
+        return [Segment(first[:12]), Segment(first[12:]),
+                Segment(ids[20:44], store.add(ids[20:44])), Segment(ids[44:46]),
+                Segment(ids[46:70], store.add(ids[46:70])), Segment(ids[70:])]
 
     segs = segments()
     served, c1, l1 = run(model, ids, segs, recompute=0.0)
@@ -393,10 +393,11 @@ def test_merging_bench_runs():
         questions = [dict(set="s", question="q", prompt_tokens=100, cold_ttft_s=2.0,
                           reference="r") for _ in agreements]
         per_question = {k: rows for k in keys}
-        table = [dict(summarize(rows), store=s, strategy=t, recompute=f) for s, t, f in keys.values()]
-        return {"model": "m", "rag": [dict(n_docs=16, doc_tokens=512, sets=["s"], stores=["standin"],
-                                           encode_s={}, cold_ttft_s=2.0, questions=questions,
-                                           per_question=per_question, table=table)]}
+        table = [dict(summarize(rows), store=s, strategy=t, recompute=f)
+                 for s, t, f in keys.values()]
+        rag = dict(n_docs=16, doc_tokens=512, sets=["s"], stores=["standin"], encode_s={},
+                   cold_ttft_s=2.0, questions=questions, per_question=per_question, table=table)
+        return {"model": "m", "rag": [rag]}
 
     merged = merge_runs.merge([run([1.0, 0.5], extra=True), run([0.9, 0.8, 0.7])])
     (row,) = merged["rag"][0]["table"]
