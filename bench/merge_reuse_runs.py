@@ -14,14 +14,13 @@ import statistics
 import sys
 from pathlib import Path
 
+from mlxgen.bench.reuse import setting_key
 from mlxgen.bench.reuse_quality import summarize
 from mlxgen.bench.reuse_report import write_report
 
 
-def _key(row: dict) -> str:  # the bench's per-question key of a table row
-    f, strategy = row["recompute"], row["strategy"]
-    return f"{row['store']} " + (strategy if strategy in ("none", "auto")
-                                 else f"{strategy} {f:.2f}")
+def _key(row: dict) -> str:
+    return setting_key(row["store"], row["strategy"], row["recompute"])
 
 
 def merge(results: list[dict]) -> dict:

@@ -86,7 +86,7 @@ def run_rag(model, tokenizer, grid: Sequence[Setting], reps: int, n_questions: i
     progress(result so far) is called after each question."""
     stop = tokenizer.eos_token_ids
     mx.eval(prefill(model, list(range(64)), make_cache(len(model.layers))))  # warm-up
-    rows: dict[str, list[dict]] = {_key(*g): [] for g in grid}
+    rows: dict[str, list[dict]] = {setting_key(*g): [] for g in grid}
     stores = list(dict.fromkeys(g[0] for g in grid))
     questions, encode_s = [], {s: 0.0 for s in stores}
     sets = doc_sets(n_docs)
@@ -108,12 +108,12 @@ def run_rag(model, tokenizer, grid: Sequence[Setting], reps: int, n_questions: i
         + ", ".join(f"{s} {t:.2f} s" for s, t in encode_s.items()) + " (one-time)")
 
     def result() -> dict:
-        done = [g for g in grid if rows[_key(*g)]]
+        done = [g for g in grid if rows[setting_key(*g)]]
         return {"stores": stores, "doc_tokens": doc_tokens, "n_docs": n_docs,
                 "encode_s": encode_s, "sets": [d.name for d in sets],
                 "cold_ttft_s": statistics.median(q["cold_ttft_s"] for q in questions),
                 "questions": questions, "per_question": rows,
-                "table": [dict(summarize(rows[_key(*g)]), store=g[0], strategy=g[1],
+                "table": [dict(summarize(rows[setting_key(*g)]), store=g[0], strategy=g[1],
                                recompute=g[2]) for g in done]}
 
     for qi, (name, question, by_store, docs) in enumerate(
@@ -136,10 +136,10 @@ def run_rag(model, tokenizer, grid: Sequence[Setting], reps: int, n_questions: i
                     for _ in range(reps)]
             quality, _, recomputed = runs[0]
             reused = statistics.median(r[1] for r in runs)
-            rows[_key(store, strategy, f)].append(dict(
+            rows[setting_key(store, strategy, f)].append(dict(
                 vars(quality), ttft_s=reused, cached_tokens=n_chunk - recomputed,
                 speedup=cold / reused, recomputed=recomputed / n_chunk))
-            log(f"    {_key(store, strategy, f)}: TTFT {reused:.3f} s ({cold / reused:.1f}x), "
+            log(f"    {setting_key(store, strategy, f)}: TTFT {reused:.3f} s ({cold / reused:.1f}x), "
                 f"agreement {quality.agreement:.2f} of {quality.n}, prefix {quality.prefix}, "
                 f"KL {quality.kl:.3f}")
         if progress:
@@ -147,7 +147,8 @@ def run_rag(model, tokenizer, grid: Sequence[Setting], reps: int, n_questions: i
     return result()
 
 
-def _key(store: str, strategy: str, f) -> str:
+def setting_key(store: str, strategy: str, f) -> str:
+    """A setting's name in the results' per-question rows: "standin first 0.20"."""
     return f"{store} " + (strategy if strategy in ("none", "auto") else f"{strategy} {f:.2f}")
 
 

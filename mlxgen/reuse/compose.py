@@ -73,8 +73,7 @@ class Composition:
         head = _stored_head(self.segments[first].chunk,
                             self.ids[: sum(len(s.ids) for s in self.segments[:first])])
         if head is not None:  # the text before the first chunk, from the store
-            for layer, c, (k, v) in zip(model.layers, cache, head):
-                splice(c, k, v, layer.self_attn.rope)
+            _splice_layers(model, cache, head)
             spliced = head[0][0].shape[2]
         for i, seg in enumerate(self.segments):
             if head is not None and i < first:
@@ -150,8 +149,14 @@ def _stored_head(chunk: Chunk, before: list[int]) -> ContextKV | None:
 
 def _splice(model, cache: list[KVCache], chunk: Chunk, n: int) -> None:
     kv = chunk.store.get(chunk)
-    for i, (layer, c) in enumerate(zip(model.layers, cache)):
-        splice(c, kv.keys[i, None, :, :n], kv.values[i, None, :, :n], layer.self_attn.rope)
+    _splice_layers(model, cache, [(kv.keys[i, None, :, :n], kv.values[i, None, :, :n])
+                                  for i in range(len(cache))])
+
+
+def _splice_layers(model, cache: list[KVCache], kv: ContextKV) -> None:
+    """Append each layer's stored (pre-RoPE keys, values) at the cache's offset."""
+    for layer, c, (k, v) in zip(model.layers, cache, kv):
+        splice(c, k, v, layer.self_attn.rope)
 
 
 def _place_zeros(model, cache: list[KVCache], n: int) -> None:
