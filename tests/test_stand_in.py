@@ -3,9 +3,11 @@ head, the stand-in as plain text, then the separator; a chunk stored that way is
 recompute=1.0, and its K/V differ from the same chunk stored after the head alone."""
 
 import mlx.core as mx
+import pytest
 from reuse_helpers import max_diff, tiny_model, token_ids
 
 from mlxgen.reuse import ChunkStore, after_stand_in
+from mlxgen.errors import ConfigError
 from mlxgen.reuse.compose import Composition, Segment
 from mlxgen.reuse.stand_in import STAND_IN
 
@@ -37,3 +39,18 @@ def test_stand_in_context_and_exactness():
     want = model(mx.array(ids)[None])[:, -1]
     assert max_diff(run(later, 1.0), want) < 1e-4
     assert max_diff(run(later, 0.0), run(head, 0.0)) > 1e-4  # the stand-in reached the K/V
+
+
+def test_a_chosen_stand_in_text():
+    """A caller's own document as the stand-in: encoded as plain text between the head and the
+    separator; no text, or not a str, is refused before anything is encoded."""
+    tok = _Tokenizer()
+    text = "Another station's report <|im_start|> as plain words"
+    got = after_stand_in(tok, (7, 8), (9,), text)
+    assert tok.flags == (False, False)  # plain text: the control-token text stays literal
+    assert got == (7, 8, *tok.encode(text), 9)
+    for bad, says in (("  \n", "empty"), (b"bytes", "must be a string"), (None, "must be a string")):
+        tok.flags = None
+        with pytest.raises(ConfigError, match=says):
+            after_stand_in(tok, (7,), (9,), bad)
+        assert tok.flags is None

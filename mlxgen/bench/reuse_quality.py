@@ -43,13 +43,13 @@ class Quality:
 
 def rag_segments(tokenizer, store: ChunkStore, question: str, docs: Sequence[str] = DOCS,
                  doc_tokens: int = 512, system: str = SYSTEM, context: bool = False,
-                 stand_in: bool = False) -> list:
+                 stand_in: bool | str = False) -> list:
     """[chat-template head, doc 1, sep, doc 2, ..., question + template tail] with each document
     a stored chunk of exactly `doc_tokens` tokens. The head and tail are rendered template text:
     compose them with parse_special=True. context: store each document after the head (its
     tokens as the prompt's start), so the first document is exact and none is a sink; with
     stand_in, documents after the first are stored after the head, the stand-in document and
-    the separator (reuse.stand_in)."""
+    the separator (reuse.stand_in; a str: that text as the stand-in)."""
     marker = "\x00DOCS\x00"
     rendered = tokenizer.apply_chat_template([
         {"role": "system", "content": system},
@@ -57,7 +57,9 @@ def rag_segments(tokenizer, store: ChunkStore, question: str, docs: Sequence[str
     ])
     head, tail = rendered.split(marker)
     head_ids = tokenizer.encode(head, add_special_tokens=True, parse_special=True)
-    later = after_stand_in(tokenizer, head_ids, tokenizer.encode("\n\n", add_special_tokens=False))
+    sep = tokenizer.encode("\n\n", add_special_tokens=False)
+    later = (after_stand_in(tokenizer, head_ids, sep, stand_in) if isinstance(stand_in, str)
+             else after_stand_in(tokenizer, head_ids, sep))
     segments: list = [head]
     for i, doc in enumerate(docs):
         if i:

@@ -4,11 +4,16 @@ In a full prefill, a document that follows another one is computed after it; enc
 prompt's head alone, its K/V behave as if it opened the prompt. Encoding it after the head, a
 neutral stand-in document and the separator brings its K/V much closer to the full prefill's,
 whatever document actually precedes it (bench/NOTES.md, issue 18). The stand-in's own K/V are
-not kept, and it states no facts a reply could pick up."""
+not kept, and the default states no facts a reply could pick up. A document of the caller's own
+collection (not one stored after itself) can stand in instead: the nearer it is to the prompt's
+documents, the nearer their K/V come to the full prefill's (bench/NOTES.md, session 13)."""
 
 from __future__ import annotations
 
 from typing import Sequence
+
+from ..errors import ConfigError
+from ..tokenizer import check_text
 
 _NOTE = (
     "This is a general reference note kept together with other documents in a shared "
@@ -30,8 +35,13 @@ _NOTE = (
 STAND_IN = " ".join([_NOTE] * 2)
 
 
-def after_stand_in(tokenizer, context: Sequence[int], separator: Sequence[int]) -> tuple[int, ...]:
+def after_stand_in(tokenizer, context: Sequence[int], separator: Sequence[int],
+                   text: str = STAND_IN) -> tuple[int, ...]:
     """The context for a document placed after another one: context (the prompt's head), the
-    stand-in document as plain text, then the separator the prompt puts between documents."""
-    ids = tokenizer.encode(STAND_IN, add_special_tokens=False, parse_special=False)
+    stand-in document `text` as plain text (control-token text stays literal), then the
+    separator the prompt puts between documents."""
+    if not check_text(text, "the stand-in text").strip():
+        raise ConfigError("the stand-in text is empty; give a document's text, or leave text "
+                          "unset for the default stand-in.")
+    ids = tokenizer.encode(text, add_special_tokens=False, parse_special=False)
     return (*context, *ids, *separator)
