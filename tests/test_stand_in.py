@@ -6,8 +6,8 @@ import mlx.core as mx
 import pytest
 from reuse_helpers import max_diff, tiny_model, token_ids
 
-from mlxgen.reuse import ChunkStore, after_stand_in
 from mlxgen.errors import ConfigError
+from mlxgen.reuse import ChunkStore, after_stand_in
 from mlxgen.reuse.compose import Composition, Segment
 from mlxgen.reuse.stand_in import STAND_IN
 
