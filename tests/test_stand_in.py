@@ -49,7 +49,8 @@ def test_a_chosen_stand_in_text():
     got = after_stand_in(tok, (7, 8), (9,), text)
     assert tok.flags == (False, False)  # plain text: the control-token text stays literal
     assert got == (7, 8, *tok.encode(text), 9)
-    for bad, says in (("  \n", "empty"), (b"bytes", "must be a string"), (None, "must be a string")):
+    refused = (("  \n", "empty"), (b"bytes", "must be a string"), (None, "must be a string"))
+    for bad, says in refused:
         tok.flags = None
         with pytest.raises(ConfigError, match=says):
             after_stand_in(tok, (7,), (9,), bad)

@@ -139,7 +139,8 @@ def run_rag(model, tokenizer, grid: Sequence[Setting], reps: int, n_questions: i
             rows[setting_key(store, strategy, f)].append(dict(
                 vars(quality), ttft_s=reused, cached_tokens=n_chunk - recomputed,
                 speedup=cold / reused, recomputed=recomputed / n_chunk))
-            log(f"    {setting_key(store, strategy, f)}: TTFT {reused:.3f} s ({cold / reused:.1f}x), "
+            log(f"    {setting_key(store, strategy, f)}: TTFT {reused:.3f} s "
+                f"({cold / reused:.1f}x), "
                 f"agreement {quality.agreement:.2f} of {quality.n}, prefix {quality.prefix}, "
                 f"KL {quality.kl:.3f}")
         if progress:

@@ -25,7 +25,7 @@ from ..cache import make_cache
 from ..prefill import prefill
 from ..reuse import ChunkStore
 from ..reuse.compose import plan
-from ..reuse.stand_in import after_stand_in
+from ..reuse.stand_in import STAND_IN, after_stand_in
 from .reuse_data import DOCS, SYSTEM, fit
 
 N_TOKENS = 32
@@ -58,8 +58,8 @@ def rag_segments(tokenizer, store: ChunkStore, question: str, docs: Sequence[str
     head, tail = rendered.split(marker)
     head_ids = tokenizer.encode(head, add_special_tokens=True, parse_special=True)
     sep = tokenizer.encode("\n\n", add_special_tokens=False)
-    later = (after_stand_in(tokenizer, head_ids, sep, stand_in) if isinstance(stand_in, str)
-             else after_stand_in(tokenizer, head_ids, sep))
+    later = after_stand_in(tokenizer, head_ids, sep,
+                           stand_in if isinstance(stand_in, str) else STAND_IN)
     segments: list = [head]
     for i, doc in enumerate(docs):
         if i:
